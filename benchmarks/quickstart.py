@@ -1,0 +1,70 @@
+"""Time the quickstart audit end to end and by phase.
+
+    .venv/bin/python benchmarks/quickstart.py [CONFIG] [--set key=value ...]
+
+Runs the same code as ``make run`` (local Ray, Tune trials, all attacks, MLflow SQLite) but tracks into a
+temporary directory, then prints the machine, the phase timings and the total wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPUs ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("config", nargs="?", default=str(REPO / "configs" / "quickstart.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from raymia.cli import quiet_defaults
+
+    quiet_defaults()
+    from raymia.audit import run_audit
+    from raymia.config import load_config
+
+    imported = time.perf_counter() - T0
+    with tempfile.TemporaryDirectory() as d:
+        cfg = load_config(args.config, [f"tracking.uri=sqlite:///{d}/mlflow.db", f"output_dir={d}/runs",
+                                        *args.overrides])
+        start = time.perf_counter()
+        outcome = run_audit(cfg, echo=lambda line: None)
+        audit = time.perf_counter() - start
+    n_models = len(cfg.targets) * (1 + cfg.shadows.count)
+    print(f"machine: {machine()}")
+    print(f"config:  {args.config} ({len(cfg.targets)} targets, {cfg.shadows.count} shadows each, {n_models} models, "
+          f"attacks: {', '.join(cfg.attacks.enabled)})")
+    print(f"{'imports':<14}{imported:7.1f} s")
+    for phase, seconds in outcome.timings.items():
+        print(f"{phase:<14}{seconds:7.1f} s")
+    print(f"{'audit total':<14}{audit:7.1f} s")
+    print(f"{'wall total':<14}{time.perf_counter() - T0:7.1f} s")
+    print(outcome.summary())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The audit configuration: one YAML file validated into typed objects before any work starts.
+
+Unknown keys, wrong types and impossible values raise :class:`UserError` with the dotted path of the field
+(``targets.1.train.epochs``) and, for misspelt keys, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raymia.attacks.nn import NNAttackConfig
+from raymia.attacks.suite import ATTACK_NAMES
+from raymia.data.datasets import check_dataset_name
+from raymia.data.splits import ROLES
+from raymia.errors import UserError
+from raymia.models.classifiers import ModelSpec
+from raymia.training.loop import TrainRecipe
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the samples come from. ``dataset``: ``digits`` | ``cifar10`` | ``cifar100`` | ``npz`` | ``module:function``."""
+
+    dataset: str = "digits"
+    data_root: Path | None = None
+    download: bool = False
+    path: Path | None = None
+    params: dict[str, Any] = {}
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return check_dataset_name(v)
+
+
+class SplitConfig(_Strict):
+    """Fraction of the dataset in each role (see :mod:`raymia.data.splits`); they sum to at most 1."""
+
+    target_members: float = Field(0.25, gt=0, lt=1)
+    target_nonmembers: float = Field(0.25, gt=0, lt=1)
+    population: float = Field(0.35, gt=0, lt=1)
+    calibration: float = Field(0.05, ge=0, lt=1)
+    test: float = Field(0.10, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_at_most_one(self) -> "SplitConfig":
+        total = sum(getattr(self, r) for r in ROLES)
+        if total > 1 + 1e-9:
+            raise ValueError(f"fractions sum to {total:.3f} > 1; lower some of {list(ROLES)}")
+        return self
+
+    def fractions(self) -> dict[str, float]:
+        return {r: getattr(self, r) for r in ROLES}
+
+
+class TargetConfig(_Strict):
+    """One target configuration to audit: an architecture and the recipe that trains it."""
+
+    name: str
+    model: ModelSpec = ModelSpec()
+    train: TrainRecipe = TrainRecipe()
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+            raise ValueError("use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+        return v
+
+
+class ShadowConfig(_Strict):
+    """Shadow models: ``count`` models, each trained with its target's recipe on ``train_fraction`` of the pool."""
+
+    count: int = Field(8, ge=1)
+    train_fraction: float = Field(0.5, gt=0, lt=1)
+
+
+class AttackConfig(_Strict):
+    """Which attacks run, and the NN attack's training knobs."""
+
+    enabled: list[str] = list(ATTACK_NAMES)
+    nn: NNAttackConfig = NNAttackConfig()
+
+    @field_validator("enabled")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [a for a in v if a not in ATTACK_NAMES]
+        if unknown:
+            raise ValueError(f"unknown attack(s) {unknown}; choose from {list(ATTACK_NAMES)}")
+        if not v:
+            raise ValueError("enable at least one attack")
+        return list(dict.fromkeys(v))
+
+
+class ComputeConfig(_Strict):
+    """Per-trial resources. ``gpus_per_trial: null`` derives a fraction from the cluster (0 without GPUs)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float | None = Field(None, ge=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class RayConfig(_Strict):
+    """Which Ray to use. ``RAY_ADDRESS`` (set by ``ray job submit``) overrides ``address``; none starts a local one."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    storage_path: str | None = None
+
+
+class TrackingConfig(_Strict):
+    """MLflow. ``MLFLOW_TRACKING_URI`` overrides ``uri``; the default is ``sqlite:///<cwd>/mlflow.db``."""
+
+    uri: str | None = None
+    experiment: str = "raymia"
+
+
+class AuditConfig(_Strict):
+    """A whole privacy audit: data, split, target configurations, shadows, attacks, compute and tracking."""
+
+    name: str = "audit"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    targets: list[TargetConfig] = Field(min_length=1)
+    shadows: ShadowConfig = ShadowConfig()
+    attacks: AttackConfig = AttackConfig()
+    compute: ComputeConfig = ComputeConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: Path = Path("runs")
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_names(cls, v: list[TargetConfig]) -> list[TargetConfig]:
+        names = [t.name for t in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"target names must be unique; repeated: {dupes}")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``X``, ``X | None`` or ``list[X]``, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if (sub := _submodel(arg)) is not None:
+                return sub
+    return None
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] | None = AuditConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        model = _submodel(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        keys = _valid_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{where}: unknown key; {hint}valid keys here: {', '.join(keys)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if err["type"] == "missing" or isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{where}: {msg}{shown}"
+
+
+def parse_config(raw: Any, *, source: str = "config") -> AuditConfig:
+    """Validate a mapping into an :class:`AuditConfig`; raise :class:`UserError` listing every bad field."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of keys to values at the top level, got {type(raw).__name__}")
+    try:
+        return AuditConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise UserError(f"{source} is invalid:\n{lines}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set '{item}': write overrides as dotted.key=value, e.g. shadows.count=4")
+        node: Any = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set '{item}': '{part}' is not an index of the list at this level")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        parsed = yaml.safe_load(value) if value else None
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = parsed
+        elif isinstance(node, dict):
+            node[last] = parsed
+        else:
+            raise UserError(f"--set '{item}': cannot set '{last}' here")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> AuditConfig:
+    """Read, override and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}; pass the path of a YAML file such as "
+                        "configs/quickstart.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+    raw = {} if raw is None else raw
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides or [])
+    return parse_config(raw, source=str(path))

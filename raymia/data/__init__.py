@@ -1,0 +1,1 @@
+"""Datasets and split plans (science core: no Ray, no MLflow)."""

@@ -1,0 +1,120 @@
+"""Seeded split plans: which samples the target trains on, which it never sees, and who else may use what.
+
+Roles (pairwise disjoint):
+
+- ``target_members``     the target model's training set (the audited IN samples);
+- ``target_nonmembers``  audited OUT samples, never trained on by the target;
+- ``population``         the attacker's pool for shadow / reference models;
+- ``calibration``        held by the defender (e.g. to calibrate inference-time defenses), never audited;
+- ``test``               utility evaluation only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROLES: tuple[str, ...] = ("target_members", "target_nonmembers", "population", "calibration", "test")
+
+
+@dataclass(frozen=True, eq=False)
+class SplitPlan:
+    """Index arrays into a dataset, one per role in :data:`ROLES`, plus the data fingerprint they refer to."""
+
+    indices: dict[str, np.ndarray]
+    seed: int
+    data_fingerprint: str
+
+    def __post_init__(self) -> None:
+        self.check_disjoint()
+
+    def __getitem__(self, role: str) -> np.ndarray:
+        return self.indices[role]
+
+    def sizes(self) -> dict[str, int]:
+        return {role: int(len(self.indices[role])) for role in ROLES}
+
+    def used_indices(self) -> np.ndarray:
+        """Sorted union of all roles: the samples any model is ever asked about."""
+        return np.sort(np.concatenate([self.indices[r] for r in ROLES]))
+
+    def check_disjoint(self) -> None:
+        """Raise ``AssertionError`` if any sample sits in two roles or twice in one role."""
+        all_idx = np.concatenate([self.indices[r] for r in ROLES])
+        uniq, counts = np.unique(all_idx, return_counts=True)
+        if (counts > 1).any():
+            raise AssertionError(f"split roles overlap on {int((counts > 1).sum())} samples, e.g. {uniq[counts > 1][:5]}")
+
+    def content_hash(self) -> str:
+        """SHA-256 over the data fingerprint and every role's index array (order included)."""
+        h = hashlib.sha256(self.data_fingerprint.encode())
+        for role in ROLES:
+            h.update(role.encode())
+            h.update(np.ascontiguousarray(self.indices[role], dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def to_parquet(self, path: str | Path) -> Path:
+        """Write ``(index, role)`` rows to Parquet atomically; the hash, seed and fingerprint go in metadata."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        index = np.concatenate([self.indices[r] for r in ROLES]).astype(np.int64)
+        role = np.concatenate([np.full(len(self.indices[r]), r) for r in ROLES])
+        table = pa.table({"index": index, "role": pa.array(role).dictionary_encode()})
+        table = table.replace_schema_metadata({
+            "raymia.split_hash": self.content_hash(),
+            "raymia.seed": str(self.seed),
+            "raymia.data_fingerprint": self.data_fingerprint,
+        })
+        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_parquet(cls, path: str | Path) -> "SplitPlan":
+        """Read a plan written by :meth:`to_parquet`; raises ``ValueError`` if its recorded hash does not match."""
+        table = pq.read_table(path)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        index = table.column("index").to_numpy()
+        role = np.asarray(table.column("role").to_pylist())
+        plan = cls({r: index[role == r] for r in ROLES}, int(meta["raymia.seed"]), meta["raymia.data_fingerprint"])
+        if plan.content_hash() != meta["raymia.split_hash"]:
+            raise ValueError(f"{path}: split content does not match its recorded hash (file altered or truncated)")
+        return plan
+
+
+def make_split_plan(n: int, fractions: dict[str, float], *, seed: int, data_fingerprint: str) -> SplitPlan:
+    """Partition ``range(n)`` into the roles at the given fractions (which sum to at most 1).
+
+    Sizes are ``floor(fraction * n)``; samples left over are unused. The permutation comes from
+    ``numpy.random.default_rng(seed)``, so the same ``(n, fractions, seed)`` always gives the same plan.
+    """
+    sizes = {r: int(np.floor(fractions[r] * n)) for r in ROLES}
+    if sum(sizes.values()) > n:
+        raise ValueError(f"split sizes {sizes} exceed the {n} samples available")
+    perm = np.random.default_rng(seed).permutation(n)
+    out, start = {}, 0
+    for role in ROLES:
+        out[role] = np.sort(perm[start:start + sizes[role]]).astype(np.int64)
+        start += sizes[role]
+    return SplitPlan(out, seed, data_fingerprint)
+
+
+def shadow_keep_mask(pool_size: int, n_models: int, *, fraction: float, seed: int) -> np.ndarray:
+    """Bool ``[n_models, pool_size]``: row ``k`` marks the pool samples shadow model ``k`` trains on.
+
+    Each model trains on exactly ``round(fraction * pool_size)`` samples drawn independently; the rest of the
+    pool are that model's OUT samples.
+    """
+    rng = np.random.default_rng([seed, 0x5AD0])
+    n_in = int(round(fraction * pool_size))
+    keep = np.zeros((n_models, pool_size), dtype=bool)
+    for k in range(n_models):
+        keep[k, rng.choice(pool_size, size=n_in, replace=False)] = True
+    return keep

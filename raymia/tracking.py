@@ -1,0 +1,181 @@
+"""Everything MLflow: where results go, the run hierarchy, metric names and artifacts.
+
+One parent run per audit; one child run per target configuration (tag ``mlflow.parentRunId``), so the MLflow
+UI compares target configurations side by side. Metric names are stable and documented in the README:
+
+- utility: ``train_acc``, ``test_acc``, ``gap`` (train - test), ``shadow_test_acc``;
+- per attack A: ``mia.A.auc``, ``mia.A.bal_acc_oracle``, ``mia.A.bal_acc_shadow``,
+  ``mia.A.tpr_at_1pct_fpr``, ``mia.A.tpr_at_0.1pct_fpr``, ``mia.A.tpr_at_0.01pct_fpr``;
+- ``mia.best.auc`` / ``mia.best.tpr_at_0.1pct_fpr`` (attack with the highest AUC, named in tag ``mia.best_attack``);
+- ``mia.n_members``, ``mia.n_nonmembers``;  parent: ``time.<phase>_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+import raymia
+from raymia.config import AuditConfig, TrackingConfig
+from raymia.errors import UserError
+
+#: Where each reported number's decision threshold comes from (logged as tags and ``protocol.json``).
+THRESHOLD_SOURCES = {
+    "auc": "threshold-free (ROC over the audited members and non-members)",
+    "tpr_at_fpr": "oracle: threshold swept over the audited scores (standard LiRA-style reporting)",
+    "bal_acc_oracle": "oracle: best threshold chosen on the audited scores",
+    "bal_acc_shadow": "shadow: thresholds fitted on shadow models only (class-dependent for metric attacks, "
+                      "the attack network's own decision for nn)",
+}
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, *, cwd: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the config's ``uri``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    A relative SQLite path is made absolute (Ray trials and jobs change the working directory), and the
+    file store MLflow 3 refuses (``./mlruns``, ``file:``) is rejected with the fix.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    cwd = cwd or Path.cwd()
+    if not uri:
+        return f"sqlite:///{(cwd / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(cwd / uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri or uri.startswith("file:"):
+        raise UserError(f"'{uri}' is a file store, which MLflow 3 refuses; use sqlite:////abs/path/mlflow.db "
+                        "or an http:// tracking server", field="tracking.uri")
+    return uri
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """For SQLite stores keep artifacts next to the database, whatever the working directory."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
+def flat_params(prefix: str, value: Any) -> dict[str, str]:
+    """``("p", {"a": {"b": 1}})`` -> ``{"p.a.b": "1"}``: nested config sections as MLflow params."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(flat_params(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: json.dumps(value) if isinstance(value, (list, tuple)) else str(value)}
+
+
+def target_metrics(report: Any) -> dict[str, float]:
+    """The documented metric names for one :class:`~raymia.pipeline.audit.TargetReport`."""
+    m = {"train_acc": report.train_acc, "test_acc": report.test_acc, "gap": report.gap,
+         "shadow_test_acc": report.shadow_test_acc}
+    for name, a in report.attacks.items():
+        p = f"mia.{name}."
+        m[p + "auc"] = a.metrics.auc
+        m[p + "bal_acc_oracle"] = a.metrics.best_bal_acc
+        m[p + "bal_acc_shadow"] = a.bal_acc_shadow
+        for level, tpr in a.metrics.tpr_at_fpr.items():
+            m[p + f"tpr_at_{level}_fpr"] = tpr
+    best = report.best_attack()
+    m["mia.best.auc"] = best.metrics.auc
+    m["mia.best.tpr_at_0.1pct_fpr"] = best.metrics.tpr_at_fpr["0.1pct"]
+    m["mia.n_members"] = float(best.metrics.n_members)
+    m["mia.n_nonmembers"] = float(best.metrics.n_nonmembers)
+    m.update(report.extra)
+    return {k: float(v) for k, v in m.items()}
+
+
+class AuditRun:
+    """The parent MLflow run of one audit, with helpers that log its children and artifacts."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, run_id: str):
+        self.client, self.experiment_id, self.run_id = client, experiment_id, run_id
+
+    def _log(self, run_id: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+             tags: dict[str, str] | None = None) -> None:
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, 0, 0) for k, v in (metrics or {}).items()],
+            params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        )
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._log(self.run_id, params=params)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        self._log(self.run_id, metrics=metrics)
+
+    def log_files(self, files: dict[str, bytes | Path], run_id: str | None = None) -> None:
+        """Log ``{artifact path: bytes or local file}`` to the parent (default) or another run."""
+        with tempfile.TemporaryDirectory() as d:
+            for rel, content in files.items():
+                local = Path(d) / rel
+                local.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, Path):
+                    local.write_bytes(content.read_bytes())
+                else:
+                    local.write_bytes(content)
+                folder = Path(rel).parent.as_posix()
+                self.client.log_artifact(run_id or self.run_id, str(local), None if folder == "." else folder)
+
+    @contextmanager
+    def child(self, name: str, *, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[str]:
+        """A child run (``mlflow.parentRunId`` = this audit) that ends FINISHED, or FAILED if the block raises."""
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": self.run_id, **(tags or {})})
+        child_id = run.info.run_id
+        try:
+            self._log(child_id, params=params)
+            yield child_id
+        except BaseException:
+            self.client.set_terminated(child_id, "FAILED")
+            raise
+        self.client.set_terminated(child_id, "FINISHED")
+
+    def log_target(self, report: Any, *, params: dict[str, Any], files: dict[str, bytes | Path],
+                   figures: dict[str, Any]) -> str:
+        """One child run per target configuration: params, the documented metrics, figures and files."""
+        best = report.best_attack()
+        tags = {"mia.best_attack": best.name, **{f"threshold_source.{k}": v for k, v in THRESHOLD_SOURCES.items()}}
+        with self.child(report.target.name, params=params, tags=tags) as child_id:
+            self._log(child_id, metrics=target_metrics(report))
+            for path, fig in figures.items():
+                self.client.log_figure(child_id, fig, path)
+            self.log_files({**files, "protocol.json": json.dumps(THRESHOLD_SOURCES, indent=2).encode()}, child_id)
+        return child_id
+
+
+@contextmanager
+def audit_run(cfg: AuditConfig, tracking_uri: str) -> Iterator[AuditRun]:
+    """Create the audit's parent run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C — never RUNNING."""
+    client = MlflowClient(tracking_uri)
+    name = cfg.tracking.experiment
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        name, artifact_location=_artifact_location(tracking_uri, name))
+    run = client.create_run(exp_id, run_name=cfg.name, tags={"raymia.version": raymia.__version__,
+                                                             "raymia.kind": "audit"})
+    audit = AuditRun(client, exp_id, run.info.run_id)
+    try:
+        audit.log_files({"config.yaml": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()})
+        yield audit
+    except KeyboardInterrupt:
+        client.set_terminated(audit.run_id, "KILLED")
+        raise
+    except BaseException as exc:
+        client.set_tag(audit.run_id, "raymia.error", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(audit.run_id, "FAILED")
+        raise
+    client.set_terminated(audit.run_id, "FINISHED")
+
+
+

@@ -1,0 +1,130 @@
+"""One training loop for every classifier (targets, shadow and reference models, defended models).
+
+Data stays resident on the device as tensors and batches are index slices of a seeded permutation, so there
+is no DataLoader in the hot loop. Training-time defenses do not copy this loop: they supply a
+:class:`TrainingPolicy` that may wrap the model/optimizer, replace the per-batch objective, and stop early.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class TrainRecipe(BaseModel):
+    """Optimisation hyper-parameters shared by a target and every shadow/reference model trained like it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+
+
+class TrainingPolicy:
+    """How a training-time defense changes the loop. The base class is ordinary cross-entropy training.
+
+    Subclasses override any of:
+
+    - :meth:`attach` to wrap the model / optimizer before the first step (e.g. DP-SGD);
+    - :meth:`loss` to replace the per-batch objective (e.g. RelaxLoss, label smoothing, distillation);
+    - :meth:`end_epoch` to stop early (e.g. early stopping on a validation split).
+    """
+
+    name = "none"
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return model, optimizer
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, *, epoch: int) -> torch.Tensor:
+        """Objective to minimise for one batch. ``logits [B, C]``; ``targets [B]`` class ids or ``[B, C]`` soft labels."""
+        return F.cross_entropy(logits, targets)
+
+    def end_epoch(self, model: nn.Module, epoch: int) -> bool:
+        """Called after every epoch; return True to stop training."""
+        return False
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What training reports back: epochs actually run and the mean objective of the last epoch."""
+
+    epochs_run: int
+    final_loss: float
+
+
+def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                               weight_decay=recipe.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, *, seed: int,
+                     policy: TrainingPolicy | None = None, device: torch.device | str = "cpu",
+                     progress: bool = False, desc: str = "train") -> TrainResult:
+    """Train ``model`` in place on ``x [n, *shape]`` and targets ``y [n]`` (or soft labels ``[n, C]``).
+
+    Deterministic under ``seed`` on a given device: the batch order comes from a seeded generator and the
+    global torch RNG (dropout) is reseeded. Shows a progress bar when ``progress`` and stderr is a terminal.
+    """
+    policy = policy or TrainingPolicy()
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model.to(device).train()
+    x, y = x.to(device), y.to(device)
+    optimizer = _optimizer(model, recipe)
+    model, optimizer = policy.attach(model, optimizer)
+    steps_per_epoch = max(1, -(-len(x) // recipe.batch_size))
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch)
+                 if recipe.lr_schedule == "cosine" else None)
+    gen = torch.Generator().manual_seed(seed)
+    epochs = range(recipe.epochs)
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(epochs, desc=desc, leave=False, unit="ep")
+        epochs = bar
+    epochs_run, epoch_loss = 0, float("nan")
+    for epoch in epochs:
+        order = torch.randperm(len(x), generator=gen).to(device)
+        total = torch.zeros((), device=device)
+        for start in range(0, len(x), recipe.batch_size):
+            idx = order[start:start + recipe.batch_size]
+            loss = policy.loss(model(x[idx]), y[idx], epoch=epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.detach()
+        epochs_run, epoch_loss = epoch + 1, float(total) / steps_per_epoch
+        if bar is not None:
+            bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        if policy.end_epoch(model, epoch):
+            break
+    model.eval()
+    return TrainResult(epochs_run=epochs_run, final_loss=epoch_loss)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor | np.ndarray, *, device: torch.device | str = "cpu",
+                   batch_size: int = 1024) -> np.ndarray:
+    """Eval-mode logits ``[n, C]`` (float32 numpy) for inputs ``x [n, *shape]``."""
+    device = torch.device(device)
+    model.to(device).eval()
+    x = torch.as_tensor(x)
+    outs = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs).numpy()

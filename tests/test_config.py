@@ -1,0 +1,71 @@
+"""Config validation: every mistake is caught before work starts, with the field's dotted path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raymia.config import load_config, parse_config
+from raymia.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_are_valid():
+    for path in (REPO / "configs").glob("*.yaml"):
+        cfg = load_config(path)
+        assert cfg.targets
+
+
+def test_quickstart_audits_two_targets_with_enough_shadows():
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    assert len(cfg.targets) >= 2 and cfg.shadows.count >= 8
+    assert set(cfg.attacks.enabled) == {"loss", "correctness", "confidence", "entropy", "modified_entropy", "nn"}
+
+
+def _error(raw) -> str:
+    with pytest.raises(UserError) as info:
+        parse_config(raw)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("patch", "expected"), [
+    ({"shadows": {"cuont": 4}}, "shadows.cuont: unknown key; did you mean 'count'?"),
+    ({"targets": [{"name": "a", "train": {"epochs": "many"}}]}, "targets.0.train.epochs"),
+    ({"targets": [{"name": "a", "train": {"epochs": 0}}]}, "targets.0.train.epochs: Input should be greater than or equal to 1"),
+    ({"data": {"dataset": "mnist"}}, "data.dataset: unknown dataset 'mnist'"),
+    ({"targets": [{"name": "a", "model": {"arch": "vgg"}}]}, "targets.0.model.arch: unknown architecture 'vgg'"),
+    ({"attacks": {"enabled": ["loss", "lira2"]}}, "attacks.enabled: unknown attack(s) ['lira2']"),
+    ({"split": {"population": 0.9}}, "split: fractions sum to"),
+    ({"targets": [{"name": "a"}, {"name": "a"}]}, "target names must be unique"),
+    ({"targets": []}, "targets: List should have at least 1 item"),
+    ({"compute": {"device": "tpu"}}, "compute.device"),
+])
+def test_bad_fields_are_named(patch, expected):
+    raw = {"targets": [{"name": "a"}]}
+    raw.update(patch)
+    assert expected in _error(raw)
+
+
+def test_missing_targets_is_reported():
+    assert "targets: Field required" in _error({})
+
+
+def test_missing_file_and_malformed_yaml(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("targets:\n  - name: a\n   model: [\n")
+    with pytest.raises(UserError, match=r"malformed YAML at line \d+"):
+        load_config(bad)
+
+
+def test_overrides_apply_and_validate(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"targets": [{"name": "a"}]}))
+    cfg = load_config(path, ["shadows.count=3", "targets.0.train.epochs=7", "attacks.enabled=[loss]"])
+    assert cfg.shadows.count == 3 and cfg.targets[0].train.epochs == 7 and cfg.attacks.enabled == ["loss"]
+    with pytest.raises(UserError, match="shadows.count"):
+        load_config(path, ["shadows.count=-1"])
+    with pytest.raises(UserError, match="dotted.key=value"):
+        load_config(path, ["shadows.count"])
