@@ -41,9 +41,6 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from raymia.cli import quiet_defaults
-
-    quiet_defaults()
     from raymia.audit import run_audit
     from raymia.config import load_config
 

@@ -1,4 +1,8 @@
-"""``raymia`` command line: ``raymia audit CONFIG`` runs a privacy audit; ``raymia validate CONFIG`` checks one.
+"""``raymia`` command line.
+
+    raymia audit CONFIG [--set key=value ...]        run a privacy audit
+    raymia validate CONFIG [--set key=value ...]     check a config without running anything
+    raymia rescore RUN_ID [--set attacks.x=y ...]    re-score a finished audit from its stored model outputs
 
 Exit codes: 0 success, 2 a problem in the user's input (message names the field and the fix), 1 a bug.
 """
@@ -6,11 +10,10 @@ Exit codes: 0 success, 2 a problem in the user's input (message names the field 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 from raymia.errors import UserError
+from raymia.quiet import quiet_defaults
 
 EXIT_USER_ERROR = 2
 
@@ -23,34 +26,35 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_)
         c.add_argument("config", help="path of the YAML config, e.g. configs/quickstart.yaml")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field, e.g. --set shadows.count=4 (repeatable)")
+                       help="override a config field, e.g. --set reference.count=32 (repeatable)")
+    r = sub.add_parser("rescore", help="re-score a finished audit from its stored outputs, without retraining")
+    r.add_argument("run_id", help="the MLflow parent run id an audit printed")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="attacks.KEY=VALUE",
+                   help="change an attack knob, e.g. --set attacks.rmia.gamma=1 (repeatable)")
+    r.add_argument("--tracking-uri", default=None,
+                   help="MLflow store of the run (default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
     return p
-
-
-def quiet_defaults() -> None:
-    """Offline-friendly defaults a user can still override through the environment."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    for noisy in ("mlflow.store.db.utils", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quiet_defaults()
     try:
-        from raymia.config import load_config
+        if args.command == "rescore":
+            from raymia.audit import rescore_run
 
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "validate":
-            print(f"{args.config}: OK ({len(cfg.targets)} targets, {cfg.shadows.count} shadows each, "
-                  f"attacks {', '.join(cfg.attacks.enabled)})")
-            return 0
-        from raymia.audit import run_audit
+            outcome = rescore_run(args.run_id, args.overrides, tracking_uri=args.tracking_uri)
+        else:
+            from raymia.config import load_config
 
-        outcome = run_audit(cfg)
+            cfg = load_config(args.config, args.overrides)
+            if args.command == "validate":
+                print(f"{args.config}: OK ({len(cfg.targets)} targets, {cfg.reference.count} reference models each, "
+                      f"attacks {', '.join(cfg.attacks.enabled)})")
+                return 0
+            from raymia.audit import run_audit
+
+            outcome = run_audit(cfg)
     except UserError as err:
         print(f"raymia: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -16,8 +16,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raymia.attacks.lira import LiRAConfig
 from raymia.attacks.nn import NNAttackConfig
-from raymia.attacks.suite import ATTACK_NAMES
+from raymia.attacks.rmia import RMIAConfig
+from raymia.attacks.suite import ATTACK_NAMES, AttackKnobs
+from raymia.data.queries import LabelOnlyConfig
 from raymia.data.datasets import check_dataset_name
 from raymia.data.splits import ROLES
 from raymia.errors import UserError
@@ -79,18 +82,50 @@ class TargetConfig(_Strict):
         return v
 
 
-class ShadowConfig(_Strict):
-    """Shadow models: ``count`` models, each trained with its target's recipe on ``train_fraction`` of the pool."""
+class ReferenceConfig(_Strict):
+    """Reference (shadow) models: ``count`` per target, each trained with the target's exact recipe on a random
+    ``pkeep`` fraction of the pool.
 
-    count: int = Field(8, ge=1)
-    train_fraction: float = Field(0.5, gt=0, lt=1)
+    ``pool: audited`` (default) is LiRA's layout: the pool is the audited members and non-members, so with
+    equal numbers of each and ``pkeep: 0.5`` every reference model trains on as many samples as the target,
+    and every audited sample is IN for about half of them; the target is distributed exactly like a reference
+    model. ``pool: audited_and_population`` adds the population samples (more diverse reference training sets,
+    but larger ones than the target's unless ``pkeep`` is lowered to match).
+
+    ``strategy``: ``auto`` trains groups with ``vmap`` where that is faster (MLPs on CPU, small nets on GPU),
+    ``vmap`` forces it, ``loop`` never uses it. ``models_per_trial``: how many models one Ray Tune trial
+    trains; ``null`` spreads each target's models evenly over the cluster's trial slots.
+    """
+
+    count: int = Field(16, ge=2)
+    pkeep: float = Field(0.5, gt=0, lt=1)
+    pool: Literal["audited", "audited_and_population"] = "audited"
+    strategy: Literal["auto", "vmap", "loop"] = "auto"
+    models_per_trial: int | None = Field(None, ge=1)
 
 
 class AttackConfig(_Strict):
-    """Which attacks run, and the NN attack's training knobs."""
+    """Which attacks run, how the attacker queries (``queries``: views LiRA/RMIA average over), and each
+    attack's knobs. ``loo_targets``: also evaluate that many reference models as targets (LiRA's
+    leave-one-out layout) and log the averaged metrics as ``loo.*``."""
 
     enabled: list[str] = list(ATTACK_NAMES)
+    queries: list[Literal["identity", "hflip"]] = ["identity"]
     nn: NNAttackConfig = NNAttackConfig()
+    lira: LiRAConfig = LiRAConfig()
+    rmia: RMIAConfig = RMIAConfig()
+    label_only: LabelOnlyConfig = LabelOnlyConfig()
+    loo_targets: int = Field(0, ge=0)
+
+    def knobs(self) -> AttackKnobs:
+        return AttackKnobs(nn=self.nn, lira=self.lira, rmia=self.rmia, label_only=self.label_only)
+
+    @field_validator("queries")
+    @classmethod
+    def _identity_first(cls, v: list[str]) -> list[str]:
+        if not v or v[0] != "identity" or len(set(v)) != len(v):
+            raise ValueError("list distinct views starting with identity, e.g. [identity, hflip]")
+        return v
 
     @field_validator("enabled")
     @classmethod
@@ -112,6 +147,14 @@ class ComputeConfig(_Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)
 
 
+class CacheConfig(_Strict):
+    """Content-addressed model cache: a local path or a ``pyarrow.fs`` URI (``s3://...``) that every node of the
+    cluster can reach. ``null``: ``<output_dir>/cache``. ``reuse: false`` retrains and overwrites everything."""
+
+    uri: str | None = None
+    reuse: bool = True
+
+
 class RayConfig(_Strict):
     """Which Ray to use. ``RAY_ADDRESS`` (set by ``ray job submit``) overrides ``address``; none starts a local one."""
 
@@ -128,18 +171,19 @@ class TrackingConfig(_Strict):
 
 
 class AuditConfig(_Strict):
-    """A whole privacy audit: data, split, target configurations, shadows, attacks, compute and tracking."""
+    """A whole privacy audit: data, split, target configurations, reference models, attacks, compute, tracking."""
 
     name: str = "audit"
     seed: int = 0
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
     targets: list[TargetConfig] = Field(min_length=1)
-    shadows: ShadowConfig = ShadowConfig()
+    reference: ReferenceConfig = ReferenceConfig()
     attacks: AttackConfig = AttackConfig()
     compute: ComputeConfig = ComputeConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    cache: CacheConfig = CacheConfig()
     output_dir: Path = Path("runs")
 
     @field_validator("targets")

@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 #: FPR levels reported for every attack, and their metric-name suffixes.
-FPR_LEVELS: dict[str, float] = {"1pct": 1e-2, "0.1pct": 1e-3, "0.01pct": 1e-4}
+FPR_LEVELS: dict[str, float] = {"1pct": 1e-2, "0.1pct": 1e-3, "0.01pct": 1e-4, "0pct": 0.0}
 
 
 def _labelled(member: np.ndarray, nonmember: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,11 +3,13 @@
 One parent run per audit; one child run per target configuration (tag ``mlflow.parentRunId``), so the MLflow
 UI compares target configurations side by side. Metric names are stable and documented in the README:
 
-- utility: ``train_acc``, ``test_acc``, ``gap`` (train - test), ``shadow_test_acc``;
-- per attack A: ``mia.A.auc``, ``mia.A.bal_acc_oracle``, ``mia.A.bal_acc_shadow``,
-  ``mia.A.tpr_at_1pct_fpr``, ``mia.A.tpr_at_0.1pct_fpr``, ``mia.A.tpr_at_0.01pct_fpr``;
+- utility: ``train_acc``, ``test_acc``, ``gap`` (train - test), ``reference_test_acc``;
+- per attack A: ``mia.A.auc``, ``mia.A.bal_acc_oracle``, ``mia.A.bal_acc_shadow`` (attacks with a shadow
+  threshold), ``mia.A.tpr_at_1pct_fpr``, ``mia.A.tpr_at_0.1pct_fpr``, ``mia.A.tpr_at_0.01pct_fpr``,
+  ``mia.A.tpr_at_0pct_fpr``;
 - ``mia.best.auc`` / ``mia.best.tpr_at_0.1pct_fpr`` (attack with the highest AUC, named in tag ``mia.best_attack``);
-- ``mia.n_members``, ``mia.n_nonmembers``;  parent: ``time.<phase>_s``.
+- ``mia.n_members``, ``mia.n_nonmembers``; ``loo.A.*`` with leave-one-out targets;
+- parent: ``time.<phase>_s``, ``models.trained``, ``models.reused``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ THRESHOLD_SOURCES = {
     "auc": "threshold-free (ROC over the audited members and non-members)",
     "tpr_at_fpr": "oracle: threshold swept over the audited scores (standard LiRA-style reporting)",
     "bal_acc_oracle": "oracle: best threshold chosen on the audited scores",
-    "bal_acc_shadow": "shadow: thresholds fitted on shadow models only (class-dependent for metric attacks, "
-                      "the attack network's own decision for nn)",
+    "bal_acc_shadow": "shadow: thresholds fitted on reference models only (class-dependent for metric and "
+                      "label-only attacks, the attack network's own decision for nn; none for LiRA/RMIA)",
 }
 
 
@@ -76,12 +78,13 @@ def flat_params(prefix: str, value: Any) -> dict[str, str]:
 def target_metrics(report: Any) -> dict[str, float]:
     """The documented metric names for one :class:`~raymia.pipeline.audit.TargetReport`."""
     m = {"train_acc": report.train_acc, "test_acc": report.test_acc, "gap": report.gap,
-         "shadow_test_acc": report.shadow_test_acc}
+         "reference_test_acc": report.reference_test_acc}
     for name, a in report.attacks.items():
         p = f"mia.{name}."
         m[p + "auc"] = a.metrics.auc
         m[p + "bal_acc_oracle"] = a.metrics.best_bal_acc
-        m[p + "bal_acc_shadow"] = a.bal_acc_shadow
+        if a.bal_acc_shadow is not None:
+            m[p + "bal_acc_shadow"] = a.bal_acc_shadow
         for level, tpr in a.metrics.tpr_at_fpr.items():
             m[p + f"tpr_at_{level}_fpr"] = tpr
     best = report.best_attack()
@@ -146,7 +149,7 @@ class AuditRun:
         """One child run per target configuration: params, the documented metrics, figures and files."""
         best = report.best_attack()
         tags = {"mia.best_attack": best.name, **{f"threshold_source.{k}": v for k, v in THRESHOLD_SOURCES.items()}}
-        with self.child(report.target.name, params=params, tags=tags) as child_id:
+        with self.child(report.target.name, params=params, tags={**tags, "raymia.kind": "target"}) as child_id:
             self._log(child_id, metrics=target_metrics(report))
             for path, fig in figures.items():
                 self.client.log_figure(child_id, fig, path)
@@ -155,7 +158,7 @@ class AuditRun:
 
 
 @contextmanager
-def audit_run(cfg: AuditConfig, tracking_uri: str) -> Iterator[AuditRun]:
+def audit_run(cfg: AuditConfig, tracking_uri: str, *, tags: dict[str, str] | None = None) -> Iterator[AuditRun]:
     """Create the audit's parent run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C — never RUNNING."""
     client = MlflowClient(tracking_uri)
     name = cfg.tracking.experiment
@@ -163,7 +166,7 @@ def audit_run(cfg: AuditConfig, tracking_uri: str) -> Iterator[AuditRun]:
     exp_id = exp.experiment_id if exp else client.create_experiment(
         name, artifact_location=_artifact_location(tracking_uri, name))
     run = client.create_run(exp_id, run_name=cfg.name, tags={"raymia.version": raymia.__version__,
-                                                             "raymia.kind": "audit"})
+                                                             "raymia.kind": "audit", **(tags or {})})
     audit = AuditRun(client, exp_id, run.info.run_id)
     try:
         audit.log_files({"config.yaml": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()})
@@ -179,3 +182,37 @@ def audit_run(cfg: AuditConfig, tracking_uri: str) -> Iterator[AuditRun]:
 
 
 
+
+
+class StoredAudit:
+    """Read access to a finished audit's parent run: its config, its target child runs, their artifacts."""
+
+    def __init__(self, client: MlflowClient, run: Any):
+        self.client, self.run = client, run
+
+    def config(self) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as d:
+            return yaml.safe_load(Path(self.client.download_artifacts(self.run.info.run_id, "config.yaml", d)).read_text())
+
+    def children(self) -> list[Any]:
+        runs = self.client.search_runs([self.run.info.experiment_id],
+                                       f"tags.mlflow.parentRunId = '{self.run.info.run_id}' "
+                                       "and tags.`raymia.kind` = 'target'")
+        return sorted(runs, key=lambda r: r.info.start_time)
+
+    def download(self, run_id: str, path: str, dest: str) -> str:
+        return self.client.download_artifacts(run_id, path, dest)
+
+
+@contextmanager
+def open_run(tracking_uri: str, run_id: str) -> Iterator[StoredAudit]:
+    """Open a finished audit by parent run id; a wrong id is a :class:`UserError`."""
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException subclasses for unknown ids
+        raise UserError(f"no run '{run_id}' in {tracking_uri} ({type(exc).__name__}); pass a parent run id "
+                        "printed by 'raymia audit' and the same MLFLOW_TRACKING_URI / --tracking-uri") from None
+    if run.data.tags.get("raymia.kind") != "audit":
+        raise UserError(f"run '{run_id}' is not a raymia audit parent run")
+    yield StoredAudit(client, run)

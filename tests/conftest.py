@@ -43,7 +43,7 @@ def tiny_config(tmp_path, **overrides) -> dict:
             {"name": "wide", "model": {"arch": "mlp", "params": {"hidden": [256]}},
              "train": {"epochs": 30, "batch_size": 32}},
         ],
-        "shadows": {"count": 2},
+        "reference": {"count": 4},
         "attacks": {"nn": {"epochs": 3}},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tiny"},
         "output_dir": str(tmp_path / "runs"),

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raymia.attacks import ATTACK_NAMES
 from raymia.config import load_config, parse_config
 from raymia.errors import UserError
 
@@ -17,10 +18,10 @@ def test_shipped_configs_are_valid():
         assert cfg.targets
 
 
-def test_quickstart_audits_two_targets_with_enough_shadows():
+def test_quickstart_audits_two_targets_with_enough_reference_models():
     cfg = load_config(REPO / "configs" / "quickstart.yaml")
-    assert len(cfg.targets) >= 2 and cfg.shadows.count >= 8
-    assert set(cfg.attacks.enabled) == {"loss", "correctness", "confidence", "entropy", "modified_entropy", "nn"}
+    assert len(cfg.targets) >= 2 and cfg.reference.count >= 16
+    assert set(cfg.attacks.enabled) == set(ATTACK_NAMES)
 
 
 def _error(raw) -> str:
@@ -30,7 +31,9 @@ def _error(raw) -> str:
 
 
 @pytest.mark.parametrize(("patch", "expected"), [
-    ({"shadows": {"cuont": 4}}, "shadows.cuont: unknown key; did you mean 'count'?"),
+    ({"reference": {"cuont": 4}}, "reference.cuont: unknown key; did you mean 'count'?"),
+    ({"attacks": {"queries": ["hflip"]}}, "attacks.queries: list distinct views starting with identity"),
+    ({"attacks": {"rmia": {"a": 2}}}, "attacks.rmia.a"),
     ({"targets": [{"name": "a", "train": {"epochs": "many"}}]}, "targets.0.train.epochs"),
     ({"targets": [{"name": "a", "train": {"epochs": 0}}]}, "targets.0.train.epochs: Input should be greater than or equal to 1"),
     ({"data": {"dataset": "mnist"}}, "data.dataset: unknown dataset 'mnist'"),
@@ -63,9 +66,9 @@ def test_missing_file_and_malformed_yaml(tmp_path):
 def test_overrides_apply_and_validate(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"targets": [{"name": "a"}]}))
-    cfg = load_config(path, ["shadows.count=3", "targets.0.train.epochs=7", "attacks.enabled=[loss]"])
-    assert cfg.shadows.count == 3 and cfg.targets[0].train.epochs == 7 and cfg.attacks.enabled == ["loss"]
-    with pytest.raises(UserError, match="shadows.count"):
-        load_config(path, ["shadows.count=-1"])
+    cfg = load_config(path, ["reference.count=3", "targets.0.train.epochs=7", "attacks.enabled=[loss]"])
+    assert cfg.reference.count == 3 and cfg.targets[0].train.epochs == 7 and cfg.attacks.enabled == ["loss"]
+    with pytest.raises(UserError, match="reference.count"):
+        load_config(path, ["reference.count=1"])
     with pytest.raises(UserError, match="dotted.key=value"):
-        load_config(path, ["shadows.count"])
+        load_config(path, ["reference.count"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from raymia.data.datasets import load_dataset, make_dataset
-from raymia.data.splits import ROLES, SplitPlan, make_split_plan, shadow_keep_mask
+from raymia.data.splits import ROLES, SplitPlan, make_split_plan, reference_keep_mask
 from raymia.errors import UserError
 
 FRACTIONS = {"target_members": 0.25, "target_nonmembers": 0.25, "population": 0.35, "calibration": 0.05,
@@ -88,8 +88,14 @@ def test_overlapping_roles_are_rejected():
         SplitPlan(idx, 0, "fp")
 
 
-def test_shadow_keep_mask_sizes_and_seed():
-    keep = shadow_keep_mask(100, 6, fraction=0.5, seed=3)
-    assert keep.shape == (6, 100) and (keep.sum(axis=1) == 50).all()
-    assert np.array_equal(keep, shadow_keep_mask(100, 6, fraction=0.5, seed=3))
-    assert not np.array_equal(keep, shadow_keep_mask(100, 6, fraction=0.5, seed=4))
+def test_reference_keep_mask_pairs_balance_every_sample():
+    keep = reference_keep_mask(101, 8, fraction=0.5, seed=3)
+    assert keep.shape == (8, 101) and (keep.sum(axis=0) == 4).all()  # every sample IN for exactly half
+    assert set(keep.sum(axis=1)) == {50, 51}
+    assert np.array_equal(keep, reference_keep_mask(101, 8, fraction=0.5, seed=3))
+    assert not np.array_equal(keep, reference_keep_mask(101, 8, fraction=0.5, seed=4))
+
+
+def test_reference_keep_mask_other_fractions_have_exact_sizes():
+    keep = reference_keep_mask(100, 5, fraction=0.3, seed=0)
+    assert (keep.sum(axis=1) == 30).all()

@@ -106,15 +106,23 @@ def make_split_plan(n: int, fractions: dict[str, float], *, seed: int, data_fing
     return SplitPlan(out, seed, data_fingerprint)
 
 
-def shadow_keep_mask(pool_size: int, n_models: int, *, fraction: float, seed: int) -> np.ndarray:
-    """Bool ``[n_models, pool_size]``: row ``k`` marks the pool samples shadow model ``k`` trains on.
+def reference_keep_mask(pool_size: int, n_models: int, *, fraction: float, seed: int) -> np.ndarray:
+    """Bool ``[n_models, pool_size]``: row ``k`` marks the pool samples reference model ``k`` trains on.
 
-    Each model trains on exactly ``round(fraction * pool_size)`` samples drawn independently; the rest of the
-    pool are that model's OUT samples.
+    With ``fraction == 0.5`` and an even number of models, models come in complementary pairs (a random
+    half and the other half of the pool), so every sample is IN for exactly half of the models and OUT for the
+    other half, and every model trains on ``pool_size // 2`` or ``(pool_size + 1) // 2`` samples. Otherwise
+    each model independently draws exactly ``round(fraction * pool_size)`` samples.
     """
     rng = np.random.default_rng([seed, 0x5AD0])
-    n_in = int(round(fraction * pool_size))
     keep = np.zeros((n_models, pool_size), dtype=bool)
+    if fraction == 0.5 and n_models % 2 == 0:
+        for k in range(0, n_models, 2):
+            first = rng.permutation(pool_size)[: pool_size // 2]
+            keep[k, first] = True
+            keep[k + 1] = ~keep[k]
+        return keep
+    n_in = int(round(fraction * pool_size))
     for k in range(n_models):
         keep[k, rng.choice(pool_size, size=n_in, replace=False)] = True
     return keep

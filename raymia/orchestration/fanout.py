@@ -1,25 +1,30 @@
-"""Fan an audit's training jobs (targets and shadow models) out across the Ray cluster as Tune trials.
+"""Fan an audit's models out over the Ray cluster: groups of models per Ray Tune trial.
 
-Each trial trains one :class:`~raymia.pipeline.audit.TrainJob` with the pipeline's own function and returns its
-weights (safetensors) and logits as a Tune checkpoint, so results live in ``storage_path`` (a local path or a
-``pyarrow.fs`` URI shared by the cluster). FIFO scheduling: every model must finish, none is stopped early.
+Each trial runs the reference-model factory (:func:`~raymia.pipeline.factory.produce_signals`) on one group:
+reuse what the cache holds, train the rest (``vmap`` ensembles where faster), write weights and outputs to the
+cache. The cache (a local path or a ``pyarrow.fs`` URI every node reaches) is how results come back; Tune
+only reports what each trial did. FIFO scheduling: every model must finish, none is stopped early.
 """
 
 from __future__ import annotations
 
+import math
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any, Callable
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from ray import cloudpickle, tune
-from safetensors.torch import load_file, save_file
 
+from raymia.cache import ModelCache
 from raymia.imports import is_import_path
 from raymia.models.classifiers import resolve_builder
-from raymia.pipeline.audit import AuditPlan, TrainedModel, TrainJob, run_train_job
+from raymia.orchestration.cluster import ClusterInfo
+from raymia.pipeline.audit import AuditPlan
+from raymia.pipeline.factory import produce_signals
+from raymia.pipeline.jobs import TrainJob
 from raymia.training.device import resolve_device
 
 
@@ -27,29 +32,56 @@ class TrainingFailed(RuntimeError):
     """One or more training trials raised; the message carries the first trial's error."""
 
 
-def _train_trial(config: dict[str, Any], *, jobs: dict[str, TrainJob], dataset: Any, scored: np.ndarray,
-                 device: str, builders: dict[str, Callable[..., Any]]) -> None:
-    job = jobs[config["job_id"]]
+def trial_slots(cluster: ClusterInfo, resources: dict[str, float]) -> int:
+    """How many trials with ``resources`` the cluster runs at once."""
+    slots = cluster.cpus / max(resources["cpu"], 1e-9)
+    if resources.get("gpu", 0) > 0:
+        slots = min(slots, cluster.gpus / resources["gpu"])
+    return max(1, int(slots))
+
+
+def group_jobs(jobs: Sequence[TrainJob], *, slots: int, models_per_trial: int | None) -> list[list[TrainJob]]:
+    """Split each target configuration's jobs into contiguous groups, one Tune trial each.
+
+    With ``models_per_trial`` unset a configuration's models are spread evenly over ``slots`` trials, so the
+    whole cluster trains it at once and each trial amortises its start-up over many models.
+    """
+    by_target: dict[str, list[TrainJob]] = defaultdict(list)
+    for j in jobs:
+        by_target[j.target.name].append(j)
+    groups = []
+    for members in by_target.values():
+        n_groups = (math.ceil(len(members) / models_per_trial) if models_per_trial
+                    else min(slots, len(members)))
+        groups += [list(chunk) for chunk in np.array_split(np.asarray(members, dtype=object), n_groups) if len(chunk)]
+    return groups
+
+
+def _produce_trial(config: dict[str, Any], *, groups: dict[str, list[TrainJob]], plan_bits: dict[str, Any],
+                   cache: ModelCache, builders: dict[str, Callable[..., Any]]) -> None:
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
-    out = run_train_job(job, dataset, scored, device=resolve_device(device), builders=builders)
-    with tempfile.TemporaryDirectory() as d:
-        save_file(out.state, str(Path(d) / "model.safetensors"))
-        np.save(Path(d) / "logits.npy", out.logits)
-        tune.report({"job_id": job.job_id, "epochs_run": out.epochs_run, "final_loss": out.final_loss,
-                     "seconds": out.seconds}, checkpoint=tune.Checkpoint.from_directory(d))
+    jobs = groups[config["group"]]
+    stats = produce_signals(jobs, plan_bits["dataset"], plan_bits["scored"], cache,
+                            query_views=plan_bits["query_views"], label_only=plan_bits["label_only"],
+                            views_id=plan_bits["views_id"], reuse=plan_bits["reuse"], strategy=plan_bits["strategy"],
+                            device=resolve_device(plan_bits["device"]), builders=builders)
+    tune.report({"group": config["group"], "models": len(jobs), "trained": len(stats.trained),
+                 "vmapped": stats.vmapped, "reused": stats.reused_models + stats.reused_signals,
+                 "seconds": stats.seconds})
 
 
 class _Progress(tune.Callback):
-    """One line per finished model on stderr: ``[ 3/18] overfit/shadow-001  loss 0.0001  2.1 s``."""
+    """One line per finished trial on stderr: ``[2/4] overfit#1  9 models (8 vmapped, 0 reused)  3.1 s``."""
 
     def __init__(self, total: int, echo: Callable[[str], None]):
         self.total, self.done, self.echo = total, 0, echo
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.done += 1
-        self.echo(f"[{self.done:>{len(str(self.total))}}/{self.total}] {result['job_id']:<28} "
-                  f"loss {result['final_loss']:.4f}  {result['seconds']:.1f} s")
+        self.echo(f"[{self.done:>{len(str(self.total))}}/{self.total}] {result['group']:<24} {result['models']} models "
+                  f"({result['trained']} trained, {result['vmapped']} vmapped, {result['reused']} reused)  "
+                  f"{result['seconds']:.1f} s")
 
 
 def _plugin_builders(plan: AuditPlan) -> dict[str, Callable[..., Any]]:
@@ -69,39 +101,43 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def train_on_ray(plan: AuditPlan, resources: dict[str, float], *, storage_path: str, experiment_name: str,
-                 device: str = "auto", max_concurrent_trials: int | None = None,
-                 echo: Callable[[str], None] = _stderr) -> dict[str, TrainedModel]:
-    """Train every job of ``plan`` as one Tune trial each and return the models keyed by job id.
+def produce_on_ray(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache, resources: dict[str, float],
+                   cluster: ClusterInfo, *, storage_path: str, experiment_name: str,
+                   echo: Callable[[str], None] = _stderr) -> dict[str, int]:
+    """Train or reuse ``jobs`` on the cluster, in groups of models per Tune trial; returns summed trial stats.
 
     ``resources`` is the per-trial request from :func:`raymia.orchestration.cluster.trial_resources`.
     """
-    jobs = {j.job_id: j for j in plan.jobs}
+    cfg = plan.config
+    grouped = group_jobs(jobs, slots=trial_slots(cluster, resources), models_per_trial=cfg.reference.models_per_trial)
+    groups: dict[str, list[TrainJob]] = {}
+    per_target: dict[str, int] = defaultdict(int)
+    for g in grouped:
+        name = g[0].target.name
+        groups[f"{name}#{per_target[name]}"] = g
+        per_target[name] += 1
+    plan_bits = {"dataset": plan.dataset, "scored": plan.scored_indices, "query_views": list(cfg.attacks.queries),
+                 "label_only": cfg.attacks.label_only, "views_id": plan.views_id, "reuse": cfg.cache.reuse,
+                 "strategy": cfg.reference.strategy, "device": cfg.compute.device}
     trainable = tune.with_resources(
-        tune.with_parameters(_train_trial, jobs=jobs, dataset=plan.dataset, scored=plan.scored_indices,
-                             device=device, builders=_plugin_builders(plan)),
+        tune.with_parameters(_produce_trial, groups=groups, plan_bits=plan_bits, cache=cache,
+                             builders=_plugin_builders(plan)),
         resources,
     )
     tuner = tune.Tuner(
         trainable,
-        param_space={"job_id": tune.grid_search(list(jobs))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent_trials, reuse_actors=True),
+        param_space={"group": tune.grid_search(list(groups))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.compute.max_concurrent_trials, reuse_actors=True),
         run_config=tune.RunConfig(name=experiment_name, storage_path=storage_path, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1),
-                                  callbacks=[_Progress(len(jobs), echo)]),
+                                  callbacks=[_Progress(len(groups), echo)]),
     )
     grid = tuner.fit()
     if grid.errors:
-        raise TrainingFailed(f"{len(grid.errors)} of {len(jobs)} training trials failed; first error:\n"
+        raise TrainingFailed(f"{len(grid.errors)} of {len(groups)} training trials failed; first error:\n"
                              f"{grid.errors[0]}")
-    models: dict[str, TrainedModel] = {}
+    totals = {"trials": len(groups), "trained": 0, "vmapped": 0, "reused": 0}
     for result in grid:
-        m = result.metrics
-        with result.checkpoint.as_directory() as d:
-            models[m["job_id"]] = TrainedModel(m["job_id"], np.load(Path(d) / "logits.npy"),
-                                               load_file(str(Path(d) / "model.safetensors")),
-                                               int(m["epochs_run"]), float(m["final_loss"]), float(m["seconds"]))
-    missing = set(jobs) - set(models)
-    if missing:
-        raise TrainingFailed(f"no result for {sorted(missing)}")
-    return models
+        for k in ("trained", "vmapped", "reused"):
+            totals[k] += int(result.metrics[k])
+    return totals

@@ -1,26 +1,33 @@
-"""Plan, train and evaluate one audit: targets and their shadow models, then every attack on every target."""
+"""Plan, train and evaluate one audit: targets and their reference models, then every attack on every target.
+
+Runs without Ray: :func:`produce_locally` trains in this process; orchestration fans the same
+:func:`~raymia.pipeline.factory.produce_signals` out as Ray Tune trials.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from raymia.attacks import ModelOutputs, ShadowOutputs, run_attacks
-from raymia.attacks.suite import AttackResult
+from raymia.attacks.suite import AttackResult, leave_one_out_inputs, run_attacks, separate_target_inputs
+from raymia.cache import ModelCache
 from raymia.config import AuditConfig, TargetConfig
 from raymia.data.datasets import Dataset
-from raymia.data.splits import SplitPlan, make_split_plan, shadow_keep_mask
+from raymia.data.queries import is_image, views_fingerprint
+from raymia.data.splits import ROLES, SplitPlan, make_split_plan, reference_keep_mask
+from raymia.errors import UserError
 from raymia.metrics import accuracy
-from raymia.models.classifiers import build_model, check_model
-from raymia.training.loop import predict_logits, train_classifier
+from raymia.models.classifiers import check_model
+from raymia.pipeline.factory import produce_signals
+from raymia.pipeline.jobs import TrainJob
+from raymia.signals import ModelSignals, PoolSignals
+
+#: Attacks whose metrics are also averaged over leave-one-out targets (``attacks.loo_targets``).
+LOO_METRICS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
 
 
 def derive_seed(*parts: object) -> int:
@@ -30,89 +37,90 @@ def derive_seed(*parts: object) -> int:
 
 
 @dataclass(frozen=True, eq=False)
-class TrainJob:
-    """One classifier to train: a target or one of its shadow models."""
-
-    job_id: str
-    target: TargetConfig
-    role: Literal["target", "shadow"]
-    index: int
-    train_indices: np.ndarray
-    seed: int
-
-
-@dataclass(frozen=True, eq=False)
-class TrainedModel:
-    """A trained classifier's weights and its logits ``[n_scored, C]`` on the plan's scored samples."""
-
-    job_id: str
-    logits: np.ndarray
-    state: dict[str, torch.Tensor]
-    epochs_run: int
-    final_loss: float
-    seconds: float
-
-
-@dataclass(frozen=True, eq=False)
 class AuditPlan:
-    """Everything decided before training: data, split, shadow assignment and the list of models to train."""
+    """Everything decided before training: data, split, reference pool and keep-mask, the models to train."""
 
     config: AuditConfig
     dataset: Dataset
     split: SplitPlan
-    shadow_keep: np.ndarray  # bool [n_shadows, |population|]
+    pool: np.ndarray  # sorted dataset rows reference models sample their training sets from
+    keep: np.ndarray  # bool [K, |pool|]
     jobs: list[TrainJob]
-    scored_indices: np.ndarray  # sorted dataset rows every model is evaluated on
+    scored_indices: np.ndarray  # sorted dataset rows every model is queried on
+    views_id: str
 
     def job(self, target: str, role: str, index: int = 0) -> TrainJob:
         return next(j for j in self.jobs if j.target.name == target and j.role == role and j.index == index)
 
+    def target_jobs(self, target: str) -> list[TrainJob]:
+        """The target first, then its reference models in order."""
+        return [j for j in self.jobs if j.target.name == target]
+
 
 def plan_audit(cfg: AuditConfig, dataset: Dataset) -> AuditPlan:
-    """Split the data, assign shadow training sets and list one job per target and per shadow model.
+    """Split the data, draw the reference keep-mask and list one job per target and reference model.
 
-    Every architecture is built once and run on two inputs first, so a bad plug-in fails before training.
+    The reference pool holds the audited samples (members and non-members; plus the population if configured),
+    so every audited sample is IN for about ``pkeep * K`` reference models (LiRA/RMIA online need IN models).
+    Every architecture runs on two inputs first, so a bad plug-in fails before training.
     """
     for i, t in enumerate(cfg.targets):
         check_model(t.model, dataset.input_shape, dataset.num_classes, field=f"targets.{i}.model")
-    split = make_split_plan(len(dataset), cfg.split.fractions(), seed=cfg.seed,
-                            data_fingerprint=dataset.fingerprint())
-    pool = split["population"]
-    keep = shadow_keep_mask(len(pool), cfg.shadows.count, fraction=cfg.shadows.train_fraction, seed=cfg.seed)
+    if "hflip" in cfg.attacks.queries and not is_image(dataset.input_shape):
+        raise UserError(f"hflip needs image inputs; {dataset.name} has feature vectors of shape "
+                        f"{dataset.input_shape}; use [identity]", field="attacks.queries")
+    fp = dataset.fingerprint()
+    split = make_split_plan(len(dataset), cfg.split.fractions(), seed=cfg.seed, data_fingerprint=fp)
+    ref = cfg.reference
+    pool_roles = ["target_members", "target_nonmembers"] + (["population"] if ref.pool != "audited" else [])
+    pool = np.sort(np.concatenate([split[r] for r in pool_roles]))
+    keep = reference_keep_mask(len(pool), ref.count, fraction=ref.pkeep, seed=cfg.seed)
     jobs: list[TrainJob] = []
     for t in cfg.targets:
         jobs.append(TrainJob(f"{t.name}/target", t, "target", 0, split["target_members"],
-                             derive_seed(cfg.seed, t.name, "target")))
-        for k in range(cfg.shadows.count):
-            jobs.append(TrainJob(f"{t.name}/shadow-{k:03d}", t, "shadow", k, pool[keep[k]],
-                                 derive_seed(cfg.seed, t.name, "shadow", k)))
-    return AuditPlan(cfg, dataset, split, keep, jobs, split.used_indices())
+                             derive_seed(cfg.seed, t.name, "target"), fp))
+        for k in range(ref.count):
+            jobs.append(TrainJob(f"{t.name}/ref-{k:03d}", t, "reference", k, pool[keep[k]],
+                                 derive_seed(cfg.seed, t.name, "reference", k), fp))
+    views_id = views_fingerprint(list(cfg.attacks.queries), cfg.attacks.label_only)
+    return AuditPlan(cfg, dataset, split, pool, keep, jobs, split.used_indices(), views_id)
 
 
-def run_train_job(job: TrainJob, dataset: Dataset, scored_indices: np.ndarray, *, device: torch.device | str = "cpu",
-                  progress: bool = False, builders: Mapping[str, Callable[..., nn.Module]] | None = None
-                  ) -> TrainedModel:
-    """Train one job's classifier from its seed and compute its logits on ``scored_indices``.
-
-    ``builders`` maps plug-in import paths to functions already resolved by the caller (for workers that
-    cannot import the user's module).
-    """
-    start = time.perf_counter()
-    model = build_model(job.target.model, dataset.input_shape, dataset.num_classes, seed=job.seed,
-                        builder=(builders or {}).get(job.target.model.arch))
-    x = torch.from_numpy(dataset.x[job.train_indices])
-    y = torch.from_numpy(dataset.y[job.train_indices])
-    result = train_classifier(model, x, y, job.target.train, seed=job.seed, device=device, progress=progress,
-                              desc=job.job_id)
-    logits = predict_logits(model, dataset.x[scored_indices], device=device)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return TrainedModel(job.job_id, logits, state, result.epochs_run, result.final_loss,
-                        time.perf_counter() - start)
+def produce_locally(plan: AuditPlan, cache: ModelCache, *, device: torch.device | str = "cpu",
+                    reuse: bool = True) -> None:
+    """Train (or reuse) every model of the plan in this process, no Ray: for tests and debugging."""
+    produce_signals(plan.jobs, plan.dataset, plan.scored_indices, cache, query_views=list(plan.config.attacks.queries),
+                    label_only=plan.config.attacks.label_only, views_id=plan.views_id, reuse=reuse,
+                    strategy=plan.config.reference.strategy, device=device)
 
 
-def train_all_locally(plan: AuditPlan, *, device: torch.device | str = "cpu") -> dict[str, TrainedModel]:
-    """Train every job in this process, one after another (no Ray): for tests and debugging."""
-    return {j.job_id: run_train_job(j, plan.dataset, plan.scored_indices, device=device) for j in plan.jobs}
+def load_signals(plan: AuditPlan, cache: ModelCache) -> tuple[dict[str, ModelSignals], list[TrainJob]]:
+    """Outputs of every job found intact in the cache, and the jobs still missing."""
+    found, missing = {}, []
+    for job in plan.jobs:
+        s = cache.load_signals(job.key, plan.views_id)
+        if s is None:
+            missing.append(job)
+        else:
+            found[job.job_id] = s
+    return found, missing
+
+
+def assemble_pool(plan: AuditPlan, target: TargetConfig, signals: dict[str, ModelSignals]) -> PoolSignals:
+    """Stack the target's and its reference models' outputs with the keep-mask and each sample's role."""
+    scored = plan.scored_indices
+    roles = np.empty(len(scored), dtype=object)
+    for role in ROLES:
+        roles[np.isin(scored, plan.split[role])] = role
+    jobs = plan.target_jobs(target.name)
+    return PoolSignals(
+        indices=scored, labels=plan.dataset.y[scored], roles=roles.astype(str),
+        model_ids=np.asarray(["target" if j.role == "target" else f"ref-{j.index:03d}" for j in jobs]),
+        logits=np.stack([signals[j.job_id].logits for j in jobs]),
+        keep=np.stack([np.isin(scored, j.train_indices) for j in jobs]),
+        label_only=np.stack([signals[j.job_id].label_only for j in jobs]),
+        query_views=tuple(plan.config.attacks.queries),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,7 +132,8 @@ class TargetReport:
     test_acc: float
     attacks: dict[str, AttackResult]
     scores: pd.DataFrame  # one row per audited sample: index, label, is_member, one column per attack
-    shadow_test_acc: float
+    reference_test_acc: float
+    pool: PoolSignals
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -136,40 +145,31 @@ class TargetReport:
         return max(self.attacks.values(), key=lambda a: a.metrics.auc)
 
 
-def _outputs(plan: AuditPlan, model: TrainedModel, rows: np.ndarray) -> ModelOutputs:
-    pos = np.searchsorted(plan.scored_indices, rows)
-    return ModelOutputs(model.logits[pos], plan.dataset.y[rows])
-
-
-def evaluate_target(plan: AuditPlan, target: TargetConfig, models: dict[str, TrainedModel]) -> TargetReport:
-    """Run every enabled attack against one target, calibrated on that target's shadow models."""
-    cfg = plan.config
-    split, pool = plan.split, plan.split["population"]
-    tgt = models[plan.job(target.name, "target").job_id]
-    members = _outputs(plan, tgt, split["target_members"])
-    nonmembers = _outputs(plan, tgt, split["target_nonmembers"])
-    test = _outputs(plan, tgt, split["test"])
-
-    shadow_logits, shadow_labels, shadow_member, shadow_acc = [], [], [], []
-    for k in range(cfg.shadows.count):
-        sh = models[plan.job(target.name, "shadow", k).job_id]
-        out = _outputs(plan, sh, pool)
-        shadow_logits.append(out.logits)
-        shadow_labels.append(out.labels)
-        shadow_member.append(plan.shadow_keep[k])
-        held_out = _outputs(plan, sh, split["test"])
-        shadow_acc.append(accuracy(held_out.logits, held_out.labels))
-    shadow = ShadowOutputs(ModelOutputs(np.concatenate(shadow_logits), np.concatenate(shadow_labels)),
-                           np.concatenate(shadow_member))
-
-    attacks = run_attacks(cfg.attacks.enabled, members, nonmembers, shadow, nn_config=cfg.attacks.nn)
-    rows = np.concatenate([split["target_members"], split["target_nonmembers"]])
-    scores = pd.DataFrame({
-        "index": rows,
-        "label": plan.dataset.y[rows],
-        "is_member": np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)],
-        **{name: np.r_[a.member_scores, a.nonmember_scores] for name, a in attacks.items()},
-    })
-    return TargetReport(target=target, train_acc=accuracy(members.logits, members.labels),
-                        test_acc=accuracy(test.logits, test.labels), attacks=attacks, scores=scores,
-                        shadow_test_acc=float(np.mean(shadow_acc)))
+def evaluate_pool(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals) -> TargetReport:
+    """Every enabled attack against the target in ``pool`` (and, if configured, leave-one-out targets)."""
+    knobs = cfg.attacks.knobs()
+    inputs = separate_target_inputs(pool, knobs.rmia)
+    attacks = run_attacks(cfg.attacks.enabled, inputs, knobs)
+    t = pool.model("target")
+    acc = {role: accuracy(pool.logits[t, pool.role_mask(role), 0], pool.labels[pool.role_mask(role)])
+           for role in ("target_members", "test")}
+    test = pool.role_mask("test")
+    ref_acc = [accuracy(pool.logits[r, test, 0], pool.labels[test]) for r in pool.reference_rows]
+    extra: dict[str, float] = {}
+    n_loo = min(cfg.attacks.loo_targets, len(pool.reference_rows))
+    for k in range(n_loo):
+        for name, r in run_attacks(cfg.attacks.enabled, leave_one_out_inputs(pool, k, knobs.rmia), knobs).items():
+            vals = {"auc": r.metrics.auc, **{f"tpr_at_{lvl}_fpr": v for lvl, v in r.metrics.tpr_at_fpr.items()}}
+            for metric in LOO_METRICS:
+                key = f"loo.{name}.{metric}"
+                extra[key] = extra.get(key, 0.0) + vals[metric] / n_loo
+    audited = np.flatnonzero(pool.role_mask("target_members", "target_nonmembers"))
+    columns = {}
+    for name, a in attacks.items():
+        col = np.empty(len(audited))
+        col[inputs.is_member], col[~inputs.is_member] = a.member_scores, a.nonmember_scores
+        columns[name] = col
+    scores = pd.DataFrame({"index": pool.indices[audited], "label": inputs.labels, "is_member": inputs.is_member,
+                           **columns})
+    return TargetReport(target=target, train_acc=acc["target_members"], test_acc=acc["test"], attacks=attacks,
+                        scores=scores, reference_test_acc=float(np.mean(ref_acc)), pool=pool, extra=extra)

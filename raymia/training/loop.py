@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -43,6 +44,9 @@ class TrainingPolicy:
     """
 
     name = "none"
+    #: True when :meth:`loss` is a pure tensor function (no data-dependent Python branches), so the
+    #: ensemble trainer may ``vmap`` it across models.
+    vmappable = True
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         return model, optimizer
@@ -64,11 +68,30 @@ class TrainResult:
     final_loss: float
 
 
-def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.Tensor], recipe: TrainRecipe) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``params`` (elementwise updates, so stacked ensembles train identically)."""
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                               weight_decay=recipe.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe, steps_per_epoch: int
+                   ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-step LR schedule (``None`` for a constant rate)."""
+    if recipe.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch)
+    return None
+
+
+def epoch_orders(n: int, seed: int) -> Iterator[torch.Tensor]:
+    """The batch order of every epoch: a fresh ``randperm(n)`` from a generator seeded once with ``seed``.
+
+    Shared by :func:`train_classifier` and the ensemble trainer, so a model trained in an ensemble sees
+    exactly the batches it would see trained alone.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randperm(n, generator=gen)
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, *, seed: int,
@@ -84,12 +107,11 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe:
     torch.manual_seed(seed)
     model.to(device).train()
     x, y = x.to(device), y.to(device)
-    optimizer = _optimizer(model, recipe)
+    optimizer = make_optimizer(model.parameters(), recipe)
     model, optimizer = policy.attach(model, optimizer)
     steps_per_epoch = max(1, -(-len(x) // recipe.batch_size))
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch)
-                 if recipe.lr_schedule == "cosine" else None)
-    gen = torch.Generator().manual_seed(seed)
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
+    orders = epoch_orders(len(x), seed)
     epochs = range(recipe.epochs)
     bar = None
     if progress and sys.stderr.isatty():
@@ -99,7 +121,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe:
         epochs = bar
     epochs_run, epoch_loss = 0, float("nan")
     for epoch in epochs:
-        order = torch.randperm(len(x), generator=gen).to(device)
+        order = next(orders).to(device)
         total = torch.zeros((), device=device)
         for start in range(0, len(x), recipe.batch_size):
             idx = order[start:start + recipe.batch_size]

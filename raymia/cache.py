@@ -1,0 +1,116 @@
+"""Content-addressed store of trained models and their outputs, on any ``pyarrow.fs`` filesystem.
+
+A model's key hashes everything that determines its weights — architecture, recipe, defense, the data
+fingerprint, the exact training indices, the seed and the code version — so rerunning an audit, adding attacks
+or re-querying reuses models instead of retraining. Outputs are keyed by (model key, views fingerprint).
+Every file is written under a temporary name and moved into place; a SHA-256 sidecar is checked on every load,
+and a corrupted or truncated entry counts as missing (and is retrained).
+
+Layout under the root (a local path or a URI such as ``s3://bucket/raymia-cache``):
+
+    models/<kk>/<key>.safetensors  (+ .sha256)      signals/<kk>/<key>-<views>.npz  (+ .sha256)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from raymia.signals import ModelSignals
+
+
+def content_key(payload: dict[str, Any]) -> str:
+    """SHA-256 of a JSON-serialisable description (numpy arrays hashed by their bytes)."""
+    def default(o: Any) -> Any:
+        if isinstance(o, np.ndarray):
+            return {"sha256": hashlib.sha256(np.ascontiguousarray(o).tobytes()).hexdigest(), "dtype": str(o.dtype)}
+        raise TypeError(type(o).__name__)
+
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=default).encode()).hexdigest()
+
+
+class ModelCache:
+    """Model weights (safetensors) and model outputs (npz), keyed by content, with checksums."""
+
+    def __init__(self, uri: str | Path):
+        uri = str(uri)
+        if "://" in uri:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+        self.uri = uri
+
+    def __getstate__(self) -> dict[str, Any]:  # filesystems are rebuilt from the URI in Ray workers
+        return {"uri": self.uri}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["uri"])
+
+    def _path(self, kind: str, name: str, ext: str) -> str:
+        return f"{self.root}/{kind}/{name[:2]}/{name}{ext}"
+
+    def _write(self, path: str, data: bytes) -> None:
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        for target, blob in ((path, data), (path + ".sha256", hashlib.sha256(data).hexdigest().encode())):
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(blob)
+            self.fs.move(tmp, target)
+
+    def _read(self, path: str) -> bytes | None:
+        """The file's bytes if it exists and matches its checksum, else ``None``."""
+        try:
+            with self.fs.open_input_stream(path) as f:
+                data = f.read()
+            with self.fs.open_input_stream(path + ".sha256") as f:
+                expected = f.read().decode().strip()
+        except (FileNotFoundError, OSError):
+            return None
+        return data if hashlib.sha256(data).hexdigest() == expected else None
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    # ------------------------------------------------------------------------------------------ weights
+    def has_model(self, key: str) -> bool:
+        return self._exists(self._path("models", key, ".safetensors"))
+
+    def save_model(self, key: str, state: dict[str, torch.Tensor]) -> None:
+        self._write(self._path("models", key, ".safetensors"),
+                    st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+
+    def load_model(self, key: str) -> dict[str, torch.Tensor] | None:
+        """Weights as tensors only (safetensors never runs code); ``None`` if missing or corrupted."""
+        data = self._read(self._path("models", key, ".safetensors"))
+        if data is None:
+            return None
+        try:
+            return st_load(data)
+        except Exception:  # noqa: BLE001 - a checksum-valid but unparsable file is treated as missing
+            return None
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def has_signals(self, key: str, views: str) -> bool:
+        return self._exists(self._path("signals", f"{key}-{views}", ".npz"))
+
+    def save_signals(self, key: str, views: str, signals: ModelSignals) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, logits=signals.logits, label_only=signals.label_only)
+        self._write(self._path("signals", f"{key}-{views}", ".npz"), buf.getvalue())
+
+    def load_signals(self, key: str, views: str) -> ModelSignals | None:
+        data = self._read(self._path("signals", f"{key}-{views}", ".npz"))
+        if data is None:
+            return None
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return ModelSignals(z["logits"], z["label_only"])

@@ -1,0 +1,118 @@
+"""Model outputs that attacks consume, per model and pooled over an audit's models, with Parquet storage.
+
+Storing every model's logits on every scored sample (plus the keep-mask saying who trained on what) is what
+lets any attack be re-scored later without retraining (``raymia rescore``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from raymia.data.queries import QUERY_VIEWS, LabelOnlyConfig
+from raymia.training.loop import predict_logits
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSignals:
+    """One model's outputs on the scored samples: ``logits [n, A, C]`` for the A query views and the
+    labels it predicts under the V label-only views, ``label_only [n, V]``."""
+
+    logits: np.ndarray
+    label_only: np.ndarray
+
+
+def compute_signals(model: nn.Module, x: np.ndarray, query_views: list[str], label_only: LabelOnlyConfig, *,
+                    device: torch.device | str = "cpu") -> ModelSignals:
+    """Query ``model`` on every view of ``x [n, *shape]`` (eval mode)."""
+    logits = np.stack([predict_logits(model, QUERY_VIEWS[v](x), device=device) for v in query_views], axis=1)
+    preds = [predict_logits(model, view, device=device).argmax(1) for view in label_only.views(x)]
+    return ModelSignals(logits.astype(np.float32), np.stack(preds, axis=1).astype(np.int16))
+
+
+@dataclass(frozen=True, eq=False)
+class PoolSignals:
+    """All models of one target configuration on the scored samples.
+
+    Attributes:
+        indices: dataset rows ``[n]`` (sorted); ``labels [n]``; ``roles [n]`` (split role of each row).
+        model_ids: ``[M]`` names, ``"target"`` and ``"ref-000"``, ``"ref-001"``, ...
+        logits: float32 ``[M, n, A, C]`` for the query views ``query_views``.
+        keep: bool ``[M, n]``: ``keep[m, i]`` iff model m trained on sample i.
+        label_only: int16 ``[M, n, V]`` predicted labels under the label-only views.
+    """
+
+    indices: np.ndarray
+    labels: np.ndarray
+    roles: np.ndarray
+    model_ids: np.ndarray
+    logits: np.ndarray
+    keep: np.ndarray
+    label_only: np.ndarray
+    query_views: tuple[str, ...]
+
+    def model(self, model_id: str) -> int:
+        hits = np.flatnonzero(self.model_ids == model_id)
+        if len(hits) != 1:
+            raise KeyError(model_id)
+        return int(hits[0])
+
+    @property
+    def reference_rows(self) -> np.ndarray:
+        """Positions of the reference models in ``model_ids``."""
+        return np.flatnonzero(np.char.startswith(self.model_ids.astype(str), "ref-"))
+
+    def role_mask(self, *roles: str) -> np.ndarray:
+        return np.isin(self.roles, roles)
+
+    def to_parquet(self, path: str | Path) -> Path:
+        """One row per (model, sample); written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        m, n, a, c = self.logits.shape
+        v = self.label_only.shape[2]
+        table = pa.table({
+            "model": pa.array(np.repeat(self.model_ids, n)).dictionary_encode(),
+            "index": np.tile(self.indices, m).astype(np.int64),
+            "label": np.tile(self.labels, m).astype(np.int64),
+            "role": pa.array(np.tile(self.roles, m)).dictionary_encode(),
+            "keep": self.keep.reshape(-1),
+            "logits": pa.FixedSizeListArray.from_arrays(pa.array(self.logits.reshape(-1), pa.float32()), a * c),
+            "label_only": pa.FixedSizeListArray.from_arrays(pa.array(self.label_only.reshape(-1), pa.int16()), v),
+        }).replace_schema_metadata({"raymia.query_views": ",".join(self.query_views), "raymia.num_classes": str(c)})
+        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_parquet(cls, path: str | Path) -> "PoolSignals":
+        table = pq.read_table(path)
+        meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+        views = tuple(meta["raymia.query_views"].split(","))
+        c = int(meta["raymia.num_classes"])
+        model = np.asarray(table.column("model").to_pylist())
+        model_ids = np.asarray(list(dict.fromkeys(model)))
+        m = len(model_ids)
+        n = len(model) // m
+        first = slice(0, n)
+        logits = table.column("logits").combine_chunks().flatten().to_numpy()
+        lo = table.column("label_only").combine_chunks()
+        v = lo.type.list_size
+        return cls(
+            indices=table.column("index").to_numpy()[first],
+            labels=table.column("label").to_numpy()[first],
+            roles=np.asarray(table.column("role").to_pylist()[:n]),
+            model_ids=model_ids,
+            logits=logits.reshape(m, n, len(views), c),
+            keep=table.column("keep").to_numpy(zero_copy_only=False).reshape(m, n),
+            label_only=lo.flatten().to_numpy().reshape(m, n, v),
+            query_views=views,
+        )

@@ -1,0 +1,99 @@
+"""Train many same-architecture models at once with ``torch.func`` (stacked weights + ``vmap``).
+
+Each model keeps its own initial weights (built from its seed), its own training indices and its own batch
+order (:func:`~raymia.training.loop.epoch_orders` with its seed), so the result equals training the models one
+by one with :func:`~raymia.training.loop.train_classifier`, up to float rounding of batched kernels. Randomness
+inside the network (dropout) is drawn per model but not from the same stream as one-by-one training.
+
+Where ``vmap`` pays off: small MLPs on CPU (measured on 2 cores, 8 models: 7x for 64-256-10, 1.1-1.4x around
+80k parameters, 0.6x for 64-512-512-10, where batched matmuls lose to plain ones) and small nets on GPU.
+Convolutions on CPU lower to grouped convolutions and run slower than a loop (0.6x), and BatchNorm's in-place
+running statistics do not vmap; :func:`prefers_vmap` encodes this and callers fall back to a loop of
+:func:`train_classifier`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from raymia.training.loop import (TrainingPolicy, TrainRecipe, TrainResult, epoch_orders, make_optimizer,
+                                  make_scheduler)
+
+
+#: Above this many parameters per model, batched matmuls on CPU are slower than a loop of plain ones.
+CPU_VMAP_MAX_PARAMS = 150_000
+
+
+def prefers_vmap(model: nn.Module, policy: TrainingPolicy | None, device: torch.device | str) -> bool:
+    """True where training a stack of copies of ``model`` with ``vmap`` is supported and faster than a loop."""
+    if policy is not None and not policy.vmappable:
+        return False
+    mods = list(model.modules())
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods):
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    small = sum(p.numel() for p in model.parameters()) <= CPU_VMAP_MAX_PARAMS
+    return small and not any(isinstance(m, nn.modules.conv._ConvNd) for m in mods)
+
+
+def train_ensemble(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
+                   index_sets: Sequence[np.ndarray | torch.Tensor], recipe: TrainRecipe, seeds: Sequence[int], *,
+                   policy: TrainingPolicy | None = None, device: torch.device | str = "cpu") -> list[TrainResult]:
+    """Train ``models[k]`` in place on rows ``index_sets[k]`` of ``x [n, *shape]`` / ``y [n]`` with ``seeds[k]``.
+
+    All models share the architecture and ``recipe``; every index set has the same length.
+    """
+    k_models = len(models)
+    if not (k_models == len(index_sets) == len(seeds)) or k_models == 0:
+        raise ValueError("need one index set and one seed per model")
+    sizes = {len(s) for s in index_sets}
+    if len(sizes) != 1:
+        raise ValueError(f"every model must train on the same number of samples, got sizes {sorted(sizes)}")
+    n = sizes.pop()
+    policy = policy or TrainingPolicy()
+    device = torch.device(device)
+    for m in models:
+        m.to(device).train()
+    params, buffers = stack_module_state(list(models))  # {name: [K, ...]} leaves / tensors
+    base = copy.deepcopy(models[0]).to("meta")
+    x, y = x.to(device), y.to(device)
+    rows_of = torch.stack([torch.as_tensor(np.asarray(s), dtype=torch.long) for s in index_sets]).to(device)
+
+    optimizer = make_optimizer(params.values(), recipe)
+    steps_per_epoch = max(1, -(-n // recipe.batch_size))
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
+    orders = [epoch_orders(n, s) for s in seeds]
+    torch.manual_seed(seeds[0])
+
+    epoch_loss = torch.full((k_models,), float("nan"))
+    for epoch in range(recipe.epochs):
+        def one_model_loss(p, b, xb, yb):
+            return policy.loss(functional_call(base, (p, b), (xb,)), yb, epoch=epoch)
+
+        batched_loss = vmap(one_model_loss, randomness="different")
+        perm = torch.stack([next(o) for o in orders]).to(device)  # [K, n]
+        total = torch.zeros(k_models, device=device)
+        for start in range(0, n, recipe.batch_size):
+            rows = rows_of.gather(1, perm[:, start:start + recipe.batch_size])  # [K, B]
+            losses = batched_loss(params, buffers, x[rows], y[rows])  # [K]
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += losses.detach()
+        epoch_loss = (total / steps_per_epoch).cpu()
+
+    with torch.no_grad():
+        for k, m in enumerate(models):
+            m.load_state_dict({**{name: p[k] for name, p in params.items()},
+                               **{name: b[k] for name, b in buffers.items()}})
+            m.eval()
+    return [TrainResult(epochs_run=recipe.epochs, final_loss=float(epoch_loss[k])) for k in range(k_models)]
