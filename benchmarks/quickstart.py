@@ -51,9 +51,9 @@ def main() -> None:
         start = time.perf_counter()
         outcome = run_audit(cfg, echo=lambda line: None)
         audit = time.perf_counter() - start
-    n_models = len(cfg.targets) * (1 + cfg.shadows.count)
+    n_models = len(cfg.targets) * (1 + cfg.reference.count)
     print(f"machine: {machine()}")
-    print(f"config:  {args.config} ({len(cfg.targets)} targets, {cfg.shadows.count} shadows each, {n_models} models, "
+    print(f"config:  {args.config} ({len(cfg.targets)} targets, {cfg.reference.count} reference models each, {n_models} models, "
           f"attacks: {', '.join(cfg.attacks.enabled)})")
     print(f"{'imports':<14}{imported:7.1f} s")
     for phase, seconds in outcome.timings.items():

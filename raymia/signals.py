@@ -7,6 +7,7 @@ lets any attack be re-scored later without retraining (``raymia rescore``).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +30,17 @@ class ModelSignals:
     label_only: np.ndarray
 
 
-def compute_signals(model: nn.Module, x: np.ndarray, query_views: list[str], label_only: LabelOnlyConfig, *,
-                    device: torch.device | str = "cpu") -> ModelSignals:
-    """Query ``model`` on every view of ``x [n, *shape]`` (eval mode)."""
-    logits = np.stack([predict_logits(model, QUERY_VIEWS[v](x), device=device) for v in query_views], axis=1)
-    preds = [predict_logits(model, view, device=device).argmax(1) for view in label_only.views(x)]
-    return ModelSignals(logits.astype(np.float32), np.stack(preds, axis=1).astype(np.int16))
+def compute_signals(models: Sequence[nn.Module], x: np.ndarray, query_views: list[str], label_only: LabelOnlyConfig,
+                    *, device: torch.device | str = "cpu") -> list[ModelSignals]:
+    """Query each model on every view of ``x [n, *shape]`` (eval mode); the views are built once for all."""
+    queries = [torch.from_numpy(QUERY_VIEWS[v](x)) for v in query_views]
+    perturbed = [torch.from_numpy(v) for v in label_only.views(x)]
+    out = []
+    for model in models:
+        logits = np.stack([predict_logits(model, q, device=device) for q in queries], axis=1)
+        preds = np.stack([predict_logits(model, v, device=device).argmax(1) for v in perturbed], axis=1)
+        out.append(ModelSignals(logits.astype(np.float32), preds.astype(np.int16)))
+    return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,7 +5,7 @@ import pytest
 
 from raymia.attacks import ATTACK_NAMES
 from raymia.attacks.nn import NNAttackConfig
-from raymia.attacks.suite import AttackKnobs, run_attacks, separate_target_inputs
+from raymia.attacks.suite import AttackKnobs, leave_one_out_inputs, run_attacks, separate_target_inputs
 from raymia.config import TargetConfig
 from raymia.data.queries import LabelOnlyConfig
 from raymia.models.classifiers import ModelSpec
@@ -27,7 +27,7 @@ def build_pool(digits, target_train, members, nonmembers, population, k: int, se
                       seed * 100 + j, "fp") for j in range(k)]
     models, _ = train_models(jobs, digits)
     scored = np.sort(np.r_[audited, population])
-    signals = [compute_signals(models[j.job_id], digits.x[scored], ["identity"], LabelOnlyConfig()) for j in jobs]
+    signals = compute_signals([models[j.job_id] for j in jobs], digits.x[scored], ["identity"], LabelOnlyConfig())
     roles = np.where(np.isin(scored, members), "target_members",
                      np.where(np.isin(scored, nonmembers), "target_nonmembers", "population"))
     return PoolSignals(scored, digits.y[scored], roles, np.array(["target"] + [f"ref-{j:03d}" for j in range(k)]),
@@ -56,3 +56,14 @@ def test_overfit_target_lira_online_beats_offline_beats_loss(digits, perm):
     assert tpr["lira_online"] >= tpr["lira_offline"] >= tpr["loss"]
     assert tpr["lira_online_fixed_var"] >= tpr["lira_offline_fixed_var"] >= tpr["loss"]
     assert results["lira_online"].metrics.auc > results["loss"].metrics.auc + 0.05
+
+
+def test_leave_one_out_layout_makes_a_reference_model_the_target(digits, perm):
+    pool = build_pool(digits, perm[:300], perm[:300], perm[300:600], perm[600:700], k=4)
+    loo = leave_one_out_inputs(pool, 2)
+    audited = pool.role_mask("target_members", "target_nonmembers")
+    ref = pool.model("ref-002")
+    np.testing.assert_array_equal(loo.target, pool.logits[ref, audited])
+    np.testing.assert_array_equal(loo.is_member, pool.keep[ref, audited])
+    assert loo.refs.shape[0] == 3 and not any(np.array_equal(r, loo.target) for r in loo.refs)
+    assert 0.4 < loo.is_member.mean() < 0.6

@@ -31,6 +31,7 @@ def audited(ray_local, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("audit")
     raw = tiny_config(tmp)
+    raw["attacks"]["loo_targets"] = 2
     outcome = run_audit(parse_config(raw), **QUIET)
     return raw, outcome, tmp
 
@@ -60,6 +61,7 @@ def test_audit_logs_parent_children_metrics_and_artifacts(audited, tmp_path):
                            "tpr_at_0pct_fpr"):
                 assert 0.0 <= m[f"mia.{attack}.{suffix}"] <= 1.0, (attack, suffix)
         assert "mia.loss.bal_acc_shadow" in m and "mia.lira_online.bal_acc_shadow" not in m
+        assert 0 <= m["loo.lira_online.auc"] <= 1 and "loo.rmia_offline.tpr_at_0.1pct_fpr" in m
         assert m["gap"] == pytest.approx(m["train_acc"] - m["test_acc"])
         assert p["dataset"] == "digits" and p["arch"] == "mlp" and p["defense"] == "none"
         assert p["split_hash"] == parent.data.params["split_hash"] and "raymia_version" in p and "seed" in p

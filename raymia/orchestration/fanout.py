@@ -102,11 +102,12 @@ def _stderr(line: str) -> None:
 
 
 def produce_on_ray(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache, resources: dict[str, float],
-                   cluster: ClusterInfo, *, storage_path: str, experiment_name: str,
+                   cluster: ClusterInfo, *, storage_path: str, experiment_name: str, reuse_actors: bool = True,
                    echo: Callable[[str], None] = _stderr) -> dict[str, int]:
     """Train or reuse ``jobs`` on the cluster, in groups of models per Tune trial; returns summed trial stats.
 
-    ``resources`` is the per-trial request from :func:`raymia.orchestration.cluster.trial_resources`.
+    ``resources`` is the per-trial request from :func:`raymia.orchestration.cluster.trial_resources`;
+    ``reuse_actors`` keeps trial processes (and their imported torch) alive between trials.
     """
     cfg = plan.config
     grouped = group_jobs(jobs, slots=trial_slots(cluster, resources), models_per_trial=cfg.reference.models_per_trial)
@@ -127,7 +128,7 @@ def produce_on_ray(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache,
     tuner = tune.Tuner(
         trainable,
         param_space={"group": tune.grid_search(list(groups))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.compute.max_concurrent_trials, reuse_actors=True),
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.compute.max_concurrent_trials, reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name=experiment_name, storage_path=storage_path, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   callbacks=[_Progress(len(groups), echo)]),

@@ -105,9 +105,9 @@ def produce_signals(jobs: Sequence[TrainJob], dataset: Dataset, scored: np.ndarr
         cache.save_model(job.key, trained[job.job_id].state_dict())
         stats.trained.append(job.job_id)
     models.update(trained)
-    x_scored = dataset.x[scored]
-    for job in need_outputs:
-        signals = compute_signals(models[job.job_id], x_scored, query_views, label_only, device=device)
+    outputs = compute_signals([models[j.job_id] for j in need_outputs], dataset.x[scored], query_views, label_only,
+                              device=device)
+    for job, signals in zip(need_outputs, outputs):
         cache.save_signals(job.key, views_id, signals)
     stats.seconds = time.perf_counter() - start
     return stats
