@@ -77,3 +77,26 @@ def test_policy_seam_replaces_loss_and_stops_early(digits):
     result = train_classifier(model, x, y, TrainRecipe(epochs=10), seed=0, policy=policy)
     assert result.epochs_run == 2 and policy.epochs_seen == {0, 1}
     assert np.isfinite(result.final_loss)
+
+
+def test_flip_crop_augmentation_keeps_shapes_and_pixels():
+    from raymia.training.loop import augment_batch
+
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6) + 1
+    flipped = augment_batch(x, "flip")
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+    cropped = augment_batch(x.repeat(50, 1, 1, 1), "flip_crop", padding=2)
+    assert cropped.shape == (100, 3, 6, 6)
+    assert (cropped == 0).any() and set(cropped.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+    stacked = augment_batch(x[None].repeat(4, 1, 1, 1, 1), "flip_crop")  # [K, B, C, H, W] from the ensemble
+    assert stacked.shape == (4, 2, 3, 6, 6)
+    assert torch.equal(augment_batch(torch.ones(5, 600), "flip_crop"), torch.ones(5, 600))  # not images
+
+
+def test_bf16_recipe_trains(digits):
+    x, y = _data(digits)
+    model = build_model(ModelSpec(arch="cnn"), digits.input_shape, 10, seed=0)
+    result = train_classifier(model, x, y, TrainRecipe(epochs=2, precision="bf16", augment="flip"), seed=0)
+    assert np.isfinite(result.final_loss)

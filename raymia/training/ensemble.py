@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from raymia.training.loop import (TrainingPolicy, TrainRecipe, TrainResult, epoch_orders, make_optimizer,
-                                  make_scheduler)
+from raymia.training.loop import (TrainingPolicy, TrainRecipe, TrainResult, augment_batch, epoch_orders,
+                                  make_optimizer, make_scheduler)
 
 
 #: Above this many parameters per model, batched matmuls on CPU are slower than a loop of plain ones.
@@ -75,14 +75,17 @@ def train_ensemble(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor
     epoch_loss = torch.full((k_models,), float("nan"))
     for epoch in range(recipe.epochs):
         def one_model_loss(p, b, xb, yb):
-            return policy.loss(functional_call(base, (p, b), (xb,)), yb, epoch=epoch)
+            with recipe.autocast(device):
+                logits = functional_call(base, (p, b), (xb,))
+            return policy.loss(logits.float(), yb, epoch=epoch)
 
         batched_loss = vmap(one_model_loss, randomness="different")
         perm = torch.stack([next(o) for o in orders]).to(device)  # [K, n]
         total = torch.zeros(k_models, device=device)
         for start in range(0, n, recipe.batch_size):
             rows = rows_of.gather(1, perm[:, start:start + recipe.batch_size])  # [K, B]
-            losses = batched_loss(params, buffers, x[rows], y[rows])  # [K]
+            xb = augment_batch(x[rows], recipe.augment, recipe.crop_padding)  # [K, B, ...]
+            losses = batched_loss(params, buffers, xb, y[rows])  # [K]
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()

@@ -7,6 +7,7 @@ is no DataLoader in the hot loop. Training-time defenses do not copy this loop: 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,36 @@ class TrainRecipe(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    augment: Literal["none", "flip", "flip_crop"] = "none"
+    crop_padding: int = Field(4, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """bf16 autocast on ``device`` when ``precision: bf16``, else a no-op."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def augment_batch(x: torch.Tensor, kind: str, padding: int = 4) -> torch.Tensor:
+    """Random horizontal flips (and, for ``flip_crop``, random crops after zero padding) of images
+    ``[..., C, H, W]`` on their device, drawn from the global torch RNG; other inputs pass through."""
+    if kind == "none" or x.dim() < 4:
+        return x
+    lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
+    x = x.reshape(-1, c, h, w)
+    b = x.shape[0]
+    flip = torch.rand(b, device=x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if kind == "flip_crop":
+        p = padding
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (b,), device=x.device)
+        dx = torch.randint(0, 2 * p + 1, (b,), device=x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # [B, H, 1]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # [B, 1, W]
+        x = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    return x.reshape(*lead, c, h, w)
 
 
 class TrainingPolicy:
@@ -125,7 +156,9 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe:
         total = torch.zeros((), device=device)
         for start in range(0, len(x), recipe.batch_size):
             idx = order[start:start + recipe.batch_size]
-            loss = policy.loss(model(x[idx]), y[idx], epoch=epoch)
+            with recipe.autocast(device):
+                logits = model(augment_batch(x[idx], recipe.augment, recipe.crop_padding))
+            loss = policy.loss(logits.float(), y[idx], epoch=epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
