@@ -6,6 +6,7 @@ This is the only module that wires the layers together; ``raymia audit`` and ``j
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
@@ -20,16 +21,20 @@ import ray
 
 import raymia
 from raymia.cache import ModelCache
-from raymia.config import AuditConfig, TrackingConfig, apply_overrides, parse_config
+from raymia.config import AuditConfig, FrontierConfig, TargetConfig, TrackingConfig, apply_overrides, parse_config
 from raymia.data.datasets import load_dataset
+from raymia.defenses import make_defense
 from raymia.errors import UserError
 from raymia.orchestration.cluster import connect_ray, release_ray, trial_resources
 from raymia.orchestration.fanout import produce_on_ray
-from raymia.pipeline.audit import AuditPlan, TargetReport, assemble_pool, evaluate_pool, load_signals, plan_audit
+from raymia.frontier import Point, choose_champion, leakage_of, pareto_front
+from raymia.orchestration.sweep import check_sweep, run_sweep
+from raymia.pipeline.audit import (AuditPlan, TargetReport, assemble_pool, evaluate_pool, jobs_for_target,
+                                   load_signals, plan_audit)
 from raymia.quiet import quiet_defaults
-from raymia.report import close, roc_figure, score_histograms, summary_table
+from raymia.report import close, figure_png, frontier_figure, html_report, roc_figure, score_histograms, summary_table
 from raymia.signals import PoolSignals
-from raymia.tracking import AuditRun, audit_run, flat_params, open_run, resolve_tracking_uri
+from raymia.tracking import AuditRun, audit_run, flat_params, open_run, register_champion, resolve_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -41,22 +46,43 @@ class AuditOutcome:
     reports: list[TargetReport]
     timings: dict[str, float]
     models: dict[str, int]
+    champion: tuple[Point, str] | None = None
+    utility: list[dict] = dataclasses.field(default_factory=list)
+    report_path: Path | None = None
+    points: list[Point] = dataclasses.field(default_factory=list)
+    front: list[Point] = dataclasses.field(default_factory=list)
+    frontier: FrontierConfig | None = None
 
     def table_rows(self) -> list[dict]:
+        leak = {p.name: p for p in self.points}
+        front = {p.name for p in self.front}
         rows = []
         for r in self.reports:
             best = r.best_attack()
-            rows.append({"target": r.target.name, "test_acc": r.test_acc, "gap": r.gap, "best_attack": best.name,
-                         "auc": best.metrics.auc, "tpr_at_0.1pct_fpr": best.metrics.tpr_at_fpr["0.1pct"],
-                         "n_nonmembers": best.metrics.n_nonmembers})
+            row = {"target": r.target.name, "test_acc": r.test_acc, "gap": r.gap, "best_attack": best.name,
+                   "auc": best.metrics.auc, "tpr_at_0.1pct_fpr": best.metrics.tpr_at_fpr["0.1pct"],
+                   "n_nonmembers": best.metrics.n_nonmembers}
+            if r.target.name in leak and len(self.reports) > 1:
+                row.update(leakage=leak[r.target.name].leakage, on_front=r.target.name in front)
+            rows.append(row)
         return rows
 
     def summary(self) -> str:
+        if not self.reports:  # utility-only sweep: no attacks ran
+            lines = [f"{u['target']:<40} test acc {u.get('test_acc', float('nan')):.3f}" for u in self.utility]
+            return "\n".join([*lines, f"MLflow parent run: {self.run_id}"])
         rows = self.table_rows()
         n_non = rows[0]["n_nonmembers"]
         note = (f"TPR@0.1%FPR is measured on {n_non} non-members: the smallest non-zero FPR is "
                 f"{100 / n_non:.2f}%, so it is the TPR at zero false positives." if n_non < 1000 else "")
-        return "\n".join(filter(None, [summary_table(rows), note, f"MLflow parent run: {self.run_id}"]))
+        leak = ""
+        if self.frontier is not None and "leakage" in rows[0]:
+            who = "the strongest attack" if self.frontier.attack == "best" else self.frontier.attack
+            leak = f"leakage = {self.frontier.leakage} of {who}; * = on the privacy-utility Pareto front."
+        champ = f"champion: {self.champion[0].name} — {self.champion[1]}" if self.champion else ""
+        report = f"report: {self.report_path}" if self.report_path else ""
+        return "\n".join(filter(None, [summary_table(rows), note, leak, champ, report,
+                                        f"MLflow parent run: {self.run_id}"]))
 
 
 @contextmanager
@@ -71,7 +97,8 @@ def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
 def _target_params(cfg: AuditConfig, plan_params: dict, report: TargetReport) -> dict:
     t = report.target
     return {
-        **plan_params, "arch": t.model.arch, "defense": "none",
+        **plan_params, "arch": t.model.arch, "defense": t.defense.name,
+        **flat_params("defense", t.defense.model_dump(exclude={"name"})),
         "reference.count": cfg.reference.count, "reference.pkeep": cfg.reference.pkeep,
         "attacks.enabled": ",".join(cfg.attacks.enabled), "attacks.queries": ",".join(cfg.attacks.queries),
         "attacks.loo_targets": cfg.attacks.loo_targets,
@@ -82,7 +109,7 @@ def _target_params(cfg: AuditConfig, plan_params: dict, report: TargetReport) ->
 
 
 def _log_target(run: AuditRun, cfg: AuditConfig, report: TargetReport, params: dict,
-                model_files: dict[str, bytes]) -> None:
+                model_files: dict[str, bytes]) -> str:
     t = report.target
     scores = io.BytesIO()
     report.scores.to_parquet(scores, index=False)
@@ -91,25 +118,96 @@ def _log_target(run: AuditRun, cfg: AuditConfig, report: TargetReport, params: d
     with tempfile.TemporaryDirectory() as d:
         signals = report.pool.to_parquet(Path(d) / "pool.parquet")
         try:
-            run.log_target(report, params=params, figures=figures, files={
+            return run.log_target(report, params=params, figures=figures, files={
                 "scores/per_sample.parquet": scores.getvalue(), "signals/pool.parquet": signals, **model_files})
         finally:
             for fig in figures.values():
                 close(fig)
 
 
-def _model_files(plan: AuditPlan, cache: ModelCache, target_name: str) -> dict[str, bytes]:
+def _model_files(plan: AuditPlan, cache: ModelCache, target: TargetConfig) -> dict[str, bytes]:
     """The target's weights (safetensors) and architecture spec: loadable without unpickling code."""
     from safetensors.torch import save
 
-    job = plan.job(target_name, "target")
-    state = cache.load_model(job.key)
-    spec = {"arch": job.target.model.arch, "params": job.target.model.params,
-            "input_shape": list(plan.dataset.input_shape), "num_classes": plan.dataset.num_classes}
+    job = jobs_for_target(plan, target)[0]
+    cached = cache.load_model(job.key)
+    model = make_defense(target.defense).model_spec(target.model)
+    spec = {"arch": model.arch, "params": model.params, "input_shape": list(plan.dataset.input_shape),
+            "num_classes": plan.dataset.num_classes}
     files = {"model/spec.json": json.dumps(spec, indent=2).encode()}
-    if state is not None:
-        files["model/model.safetensors"] = save(state)
+    if cached is not None:
+        files["model/model.safetensors"] = save(cached[0])
     return files
+
+
+def _produce_targets(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, run: AuditRun, timings: dict[str, float],
+                     say: Callable[[str], None]) -> tuple[list[TargetReport], dict[str, int]]:
+    """Audit mode: reuse cached models, train the rest in groups per Tune trial, attack each target here."""
+    with _phase(timings, "cache_lookup"):
+        signals, missing = load_signals(plan, cache) if cfg.cache.reuse else ({}, list(plan.jobs))
+    totals = {"trained": 0, "reused": len(signals)}
+    if missing:
+        with _ray(cfg, timings, say, f"{len(missing)} models to produce, {len(signals)} from the cache") as (cluster, res):
+            with _phase(timings, "training"):
+                done = produce_on_ray(plan, missing, cache, res, cluster, storage_path=_storage(cfg),
+                                      experiment_name=f"{cfg.name}-{run.run_id}", echo=say)
+        totals["trained"], totals["reused"] = done["trained"], totals["reused"] + done["reused"]
+        signals, missing = load_signals(plan, cache)
+        if missing:
+            raise RuntimeError(f"{len(missing)} models have no outputs in the cache after training, e.g. "
+                               f"{missing[0].job_id}; is cache.uri reachable from every Ray node?")
+    else:
+        say(f"all {len(plan.jobs)} models found in the cache {cache.uri}; nothing to train")
+    with _phase(timings, "attacks"):
+        reports = [evaluate_pool(cfg, t, assemble_pool(plan, t, signals)) for t in cfg.targets]
+    return reports, totals
+
+
+def _storage(cfg: AuditConfig) -> str:
+    return cfg.ray.storage_path or str(cfg.output_dir.expanduser().resolve() / "ray_results")
+
+
+@contextmanager
+def _ray(cfg: AuditConfig, timings: dict[str, float], say: Callable[[str], None], what: str) -> Iterator[tuple]:
+    """Connect to Ray for the duration of the block and size the per-trial request."""
+    with _phase(timings, "ray_start"):
+        cluster = connect_ray(cfg.ray)
+    try:
+        resources = trial_resources(cfg.compute, cluster)
+        say(f"Ray at {cluster.address} ({cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs); {what}; per trial {resources}")
+        yield cluster, resources
+    finally:
+        with _phase(timings, "ray_shutdown"):
+            release_ray(cluster)
+
+
+def _decide(run: AuditRun, cfg: AuditConfig, reports: list[TargetReport], child_ids: dict[str, str],
+            report_dir: Path, say: Callable[[str], None]) -> tuple[list[Point], list[Point], tuple[Point, str] | None]:
+    """Frontier figure and table, ``report.html``, and the champion (registered in the MLflow Model Registry)."""
+    fr = cfg.frontier
+    leak_name = f"{fr.leakage} of {'the strongest attack' if fr.attack == 'best' else fr.attack}"
+    points = [Point(r.target.name, r.target.defense.name, r.test_acc, leakage_of(r, fr), child_ids.get(r.target.name))
+              for r in reports]
+    front = pareto_front(points)
+    champion = choose_champion(points, cfg.champion, leak_name) if cfg.champion else None
+    figures = {"plots/frontier.png": frontier_figure(points, front, leak_name, champion[0] if champion else None)}
+    rows = [{"configuration": p.name, "defense": p.defense, "test_acc": p.test_acc, "leakage": p.leakage,
+             "on_front": p in front, "champion": bool(champion and p == champion[0]), "run_id": p.run_id}
+            for p in points]
+    html = html_report(cfg.name, run.run_id, reports, rows, leak_name, figures, champion)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "report.html").write_text(html)
+    (report_dir / "frontier.png").write_bytes(figure_png(figures["plots/frontier.png"]))
+    for path, fig in figures.items():
+        run.client.log_figure(run.run_id, fig, path)
+        close(fig)
+    run.log_files({"report.html": html.encode(), "frontier.json": json.dumps(rows, indent=2).encode()})
+    if champion:
+        win, why = champion
+        version = register_champion(run, cfg.champion.registry_name, win.run_id)
+        say(f"champion: {win.name} (child run {win.run_id}) — {why}; registered as "
+            f"models:/{cfg.champion.registry_name}@champion (version {version})")
+    return points, front, champion
 
 
 def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] | None = None) -> AuditOutcome:
@@ -121,54 +219,55 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] | None = None) ->
         dataset = load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, download=cfg.data.download,
                                path=cfg.data.path, params=cfg.data.params)
         plan = plan_audit(cfg, dataset)
+        if cfg.sweep is not None:
+            check_sweep(plan)
     output_dir = cfg.output_dir.expanduser().resolve()
     cache = ModelCache(cfg.cache.uri or output_dir / "cache")
     tracking_uri = resolve_tracking_uri(cfg.tracking)
-    say(f"raymia {raymia.__version__}: audit '{cfg.name}' on {dataset.name} ({len(dataset)} samples, "
-        f"split {plan.split.sizes()}); {len(cfg.targets)} targets x (1 + {cfg.reference.count} reference models) = "
-        f"{len(plan.jobs)} models; cache {cache.uri}; tracking {tracking_uri}")
+    what = (f"{len(cfg.targets)} targets x (1 + {cfg.reference.count} reference models) = {len(plan.jobs)} models"
+            if cfg.sweep is None else f"a sweep over {len(cfg.sweep.defenses)} defense entries "
+            f"(objective: {cfg.sweep.objective}), 1 + {cfg.reference.count} models per configuration")
+    say(f"raymia {raymia.__version__}: audit '{cfg.name}' on {dataset.name} ({len(dataset)} samples, split "
+        f"{plan.split.sizes()}); {what}; cache {cache.uri}; tracking {tracking_uri}")
     with audit_run(cfg, tracking_uri) as run:
         split_file = plan.split.to_parquet(output_dir / run.run_id / "split.parquet")
         run.log_files({"split/split.parquet": split_file})
         plan_params = {"dataset": dataset.name, "seed": cfg.seed, "split_hash": plan.split.content_hash(),
                        "data_fingerprint": plan.split.data_fingerprint, "raymia_version": raymia.__version__}
-        run.log_params({**plan_params, "ray_version": ray.__version__, "targets": ",".join(t.name for t in cfg.targets),
-                        "reference.count": cfg.reference.count, "cache": cache.uri,
-                        **{f"split.n_{role}": n for role, n in plan.split.sizes().items()}})
-        with _phase(timings, "cache_lookup"):
-            signals, missing = load_signals(plan, cache) if cfg.cache.reuse else ({}, list(plan.jobs))
-        totals = {"trained": 0, "reused": len(signals)}
-        if missing:
-            with _phase(timings, "ray_start"):
-                cluster = connect_ray(cfg.ray)
-            try:
-                resources = trial_resources(cfg.compute, cluster)
-                say(f"Ray at {cluster.address} ({cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs); {len(missing)} models "
-                    f"to produce, {len(signals)} from the cache; per trial {resources}")
-                storage = cfg.ray.storage_path or str(output_dir / "ray_results")
-                with _phase(timings, "training"):
-                    done = produce_on_ray(plan, missing, cache, resources, cluster, storage_path=storage,
-                                          experiment_name=f"{cfg.name}-{run.run_id}", echo=say)
-                totals["trained"] = done["trained"]
-                totals["reused"] += done["reused"]
-            finally:
-                with _phase(timings, "ray_shutdown"):
-                    release_ray(cluster)
-            signals, missing = load_signals(plan, cache)
-            if missing:
-                raise RuntimeError(f"{len(missing)} models have no outputs in the cache after training, e.g. "
-                                   f"{missing[0].job_id}; is cache.uri reachable from every Ray node?")
+        run.log_params({**plan_params, "ray_version": ray.__version__, "mode": "sweep" if cfg.sweep else "targets",
+                        "targets": ",".join(t.name for t in cfg.targets), "reference.count": cfg.reference.count,
+                        "cache": cache.uri, **{f"split.n_{role}": n for role, n in plan.split.sizes().items()}})
+        failed: list[tuple[str, str]] = []
+        finals: list[dict] = []
+        if cfg.sweep is None:
+            reports, totals = _produce_targets(plan, cache, cfg, run, timings, say)
         else:
-            say(f"all {len(plan.jobs)} models found in the cache {cache.uri}; nothing to train")
-        with _phase(timings, "attacks"):
-            reports = [evaluate_pool(cfg, t, assemble_pool(plan, t, signals)) for t in cfg.targets]
+            with _ray(cfg, timings, say, "one Tune trial per configuration") as (cluster, resources):
+                with _phase(timings, "training"):
+                    reports, finals, failed = run_sweep(plan, cache, resources, storage_path=_storage(cfg),
+                                                        experiment_name=f"{cfg.name}-{run.run_id}", echo=say)
+            totals = {"trained": -1, "reused": -1}
+        child_ids: dict[str, str] = {}
         with _phase(timings, "tracking"):
             for report in reports:
-                _log_target(run, cfg, report, _target_params(cfg, plan_params, report),
-                            _model_files(plan, cache, report.target.name))
+                child_ids[report.target.name] = _log_target(run, cfg, report, _target_params(cfg, plan_params, report),
+                                                            _model_files(plan, cache, report.target))
+            if cfg.sweep is not None and cfg.sweep.objective == "utility":
+                for final in finals:
+                    run.log_utility_child(final["target"], final)
+            for name, error in failed:
+                run.log_failed_child(name, error)
+        champion, points, front = None, [], []
+        if reports:
+            with _phase(timings, "decision"):
+                points, front, champion = _decide(run, cfg, reports, child_ids, output_dir / run.run_id, say)
         run.log_metrics({**{f"time.{k}_s": v for k, v in timings.items()},
-                         "models.trained": totals["trained"], "models.reused": totals["reused"]})
-    return AuditOutcome(run.run_id, tracking_uri, reports, timings, totals)
+                         **({"models.trained": totals["trained"], "models.reused": totals["reused"]}
+                            if totals["trained"] >= 0 else {}), "configurations.failed": len(failed)})
+        if failed:
+            say(f"{len(failed)} configurations failed: " + "; ".join(f"{n}: {e.splitlines()[0]}" for n, e in failed))
+    return AuditOutcome(run.run_id, tracking_uri, reports, timings, totals, champion, finals,
+                        output_dir / run.run_id / "report.html", points, front, cfg.frontier)
 
 
 def rescore_run(run_id: str, overrides: list[str] | None = None, *, tracking_uri: str | None = None,
@@ -194,7 +293,8 @@ def rescore_run(run_id: str, overrides: list[str] | None = None, *, tracking_uri
             with _phase(timings, "attacks"):
                 for child in children:
                     pool = PoolSignals.from_parquet(source.download(child.info.run_id, "signals/pool.parquet", d))
-                    target = next(t for t in cfg.targets if t.name == child.info.run_name)
+                    target_file = Path(source.download(child.info.run_id, "target.json", d))
+                    target = TargetConfig.model_validate_json(target_file.read_text())
                     reports.append(evaluate_pool(cfg, target, pool))
             with _phase(timings, "tracking"):
                 for report, child in zip(reports, children):

@@ -29,6 +29,12 @@ from safetensors.torch import save as st_save
 from raymia.signals import ModelSignals
 
 
+def safe_open_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` header of serialized safetensors bytes."""
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+
+
 def content_key(payload: dict[str, Any]) -> str:
     """SHA-256 of a JSON-serialisable description (numpy arrays hashed by their bytes)."""
     def default(o: Any) -> Any:
@@ -85,17 +91,21 @@ class ModelCache:
     def has_model(self, key: str) -> bool:
         return self._exists(self._path("models", key, ".safetensors"))
 
-    def save_model(self, key: str, state: dict[str, torch.Tensor]) -> None:
+    def save_model(self, key: str, state: dict[str, torch.Tensor], extra: dict[str, float] | None = None) -> None:
+        """Store weights (and numbers their training reported, in the safetensors metadata)."""
         self._write(self._path("models", key, ".safetensors"),
-                    st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+                    st_save({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                            metadata={"raymia.extra": json.dumps(extra or {})}))
 
-    def load_model(self, key: str) -> dict[str, torch.Tensor] | None:
-        """Weights as tensors only (safetensors never runs code); ``None`` if missing or corrupted."""
+    def load_model(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, float]] | None:
+        """``(weights, extra)``, weights as tensors only (safetensors never runs code); ``None`` if missing or
+        corrupted."""
         data = self._read(self._path("models", key, ".safetensors"))
         if data is None:
             return None
         try:
-            return st_load(data)
+            meta = safe_open_metadata(data)
+            return st_load(data), json.loads(meta.get("raymia.extra", "{}"))
         except Exception:  # noqa: BLE001 - a checksum-valid but unparsable file is treated as missing
             return None
 
@@ -105,7 +115,7 @@ class ModelCache:
 
     def save_signals(self, key: str, views: str, signals: ModelSignals) -> None:
         buf = io.BytesIO()
-        np.savez(buf, logits=signals.logits, label_only=signals.label_only)
+        np.savez(buf, logits=signals.logits, label_only=signals.label_only, extra=np.array(json.dumps(signals.extra)))
         self._write(self._path("signals", f"{key}-{views}", ".npz"), buf.getvalue())
 
     def load_signals(self, key: str, views: str) -> ModelSignals | None:
@@ -113,4 +123,5 @@ class ModelCache:
         if data is None:
             return None
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return ModelSignals(z["logits"], z["label_only"])
+            extra = json.loads(str(z["extra"])) if "extra" in z.files else {}
+            return ModelSignals(z["logits"], z["label_only"], extra)

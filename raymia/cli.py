@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             if args.command == "validate":
-                print(f"{args.config}: OK ({len(cfg.targets)} targets, {cfg.reference.count} reference models each, "
+                what = (f"{len(cfg.targets)} targets" if cfg.sweep is None
+                        else f"a sweep over {len(cfg.sweep.defenses)} defense entries")
+                print(f"{args.config}: OK ({what}, {cfg.reference.count} reference models each, "
                       f"attacks {', '.join(cfg.attacks.enabled)})")
                 return 0
             from raymia.audit import run_audit

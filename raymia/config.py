@@ -23,8 +23,10 @@ from raymia.attacks.suite import ATTACK_NAMES, AttackKnobs
 from raymia.data.queries import LabelOnlyConfig
 from raymia.data.datasets import check_dataset_name
 from raymia.data.splits import ROLES
+from raymia.defenses import DefenseConfig, NoDefenseConfig
 from raymia.errors import UserError
 from raymia.models.classifiers import ModelSpec
+from raymia.sweep import SweepConfig
 from raymia.training.loop import TrainRecipe
 
 
@@ -68,17 +70,19 @@ class SplitConfig(_Strict):
 
 
 class TargetConfig(_Strict):
-    """One target configuration to audit: an architecture and the recipe that trains it."""
+    """One target configuration to audit: an architecture, the recipe that trains it and its training-time
+    defense (``defense: {name: relaxloss, alpha: 0.5}``; see :mod:`raymia.defenses`)."""
 
     name: str
     model: ModelSpec = ModelSpec()
     train: TrainRecipe = TrainRecipe()
+    defense: DefenseConfig = NoDefenseConfig()
 
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
-            raise ValueError("use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=,()+-]{0,127}", v):
+            raise ValueError("use 1-128 letters, digits or _ - . = , ( ) +, starting with a letter or digit")
         return v
 
 
@@ -170,14 +174,54 @@ class TrackingConfig(_Strict):
     experiment: str = "raymia"
 
 
+class FrontierConfig(_Strict):
+    """Privacy-utility frontier: leakage = ``leakage`` metric of ``attack`` (``best``: the strongest attack, i.e.
+    the maximum over attacks), against test accuracy."""
+
+    leakage: Literal["tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", "tpr_at_0.01pct_fpr", "auc"] = "tpr_at_0.1pct_fpr"
+    attack: str = "best"
+
+    @field_validator("attack")
+    @classmethod
+    def _known_attack(cls, v: str) -> str:
+        if v != "best" and v not in ATTACK_NAMES:
+            raise ValueError(f"unknown attack '{v}'; use best or one of {list(ATTACK_NAMES)}")
+        return v
+
+
+class ChampionConfig(_Strict):
+    """Which configuration to ship, registered in the MLflow Model Registry as ``registry_name@champion``.
+
+    - ``rule: max_accuracy``: the highest test accuracy among configurations whose leakage is at most
+      ``max_leakage`` (leakage as defined by ``frontier``);
+    - ``rule: min_leakage``: the lowest leakage among configurations whose test accuracy is at most
+      ``max_accuracy_drop`` below the undefended configuration's (or the best one's, without an undefended one).
+    """
+
+    rule: Literal["max_accuracy", "min_leakage"] = "max_accuracy"
+    max_leakage: float | None = Field(None, ge=0, le=1)
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    registry_name: str = Field("raymia-champion", min_length=1)
+
+    @model_validator(mode="after")
+    def _needs_bound(self) -> "ChampionConfig":
+        if self.rule == "max_accuracy" and self.max_leakage is None:
+            raise ValueError("rule max_accuracy needs max_leakage (e.g. 0.55 for AUC)")
+        return self
+
+
 class AuditConfig(_Strict):
-    """A whole privacy audit: data, split, target configurations, reference models, attacks, compute, tracking."""
+    """A whole privacy audit: data, split, target configurations (or a defense sweep), reference models, attacks,
+    frontier and champion rule, compute, tracking."""
 
     name: str = "audit"
     seed: int = 0
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
-    targets: list[TargetConfig] = Field(min_length=1)
+    targets: list[TargetConfig] = []
+    sweep: SweepConfig | None = None
+    frontier: FrontierConfig = FrontierConfig()
+    champion: ChampionConfig | None = None
     reference: ReferenceConfig = ReferenceConfig()
     attacks: AttackConfig = AttackConfig()
     compute: ComputeConfig = ComputeConfig()
@@ -194,6 +238,12 @@ class AuditConfig(_Strict):
         if dupes:
             raise ValueError(f"target names must be unique; repeated: {dupes}")
         return v
+
+    @model_validator(mode="after")
+    def _targets_or_sweep(self) -> "AuditConfig":
+        if bool(self.targets) == (self.sweep is not None):
+            raise ValueError("give either targets (a list of configurations to audit) or sweep (a defense sweep)")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- loading

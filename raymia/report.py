@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import math
 from typing import Any
 
@@ -66,11 +69,78 @@ def close(fig: Any) -> None:
     plt.close(fig)
 
 
+def figure_png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def frontier_figure(points: list, front: list, leakage_name: str, champion: Any = None) -> Any:
+    """Scatter of (leakage, test accuracy) per configuration, the Pareto front as a line, the champion starred."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    defenses = sorted({p.defense for p in points})
+    colors = dict(zip(defenses, plt.cm.tab10.colors))
+    for d in defenses:
+        ps = [p for p in points if p.defense == d]
+        ax.scatter([p.leakage for p in ps], [p.test_acc for p in ps], color=colors[d], label=d, s=36, alpha=0.8)
+    ordered = sorted(front, key=lambda p: p.leakage)
+    ax.plot([p.leakage for p in ordered], [p.test_acc for p in ordered], "k-", lw=1.2, label="Pareto front")
+    ax.scatter([p.leakage for p in front], [p.test_acc for p in front], facecolors="none", edgecolors="k", s=110)
+    if champion is not None:
+        ax.scatter([champion.leakage], [champion.test_acc], marker="*", s=320, color="gold", edgecolors="k",
+                   zorder=5, label="champion")
+    for p in points:
+        ax.annotate(p.name, (p.leakage, p.test_acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel=f"leakage: {leakage_name} (lower is better)", ylabel="test accuracy (higher is better)",
+           title="privacy-utility frontier")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def html_report(title: str, run_id: str, reports: list, rows: list[dict], leakage_name: str,
+                figures: dict[str, Any], champion: Any = None) -> str:
+    """A self-contained HTML page (figures inlined as base64 PNG): configurations, frontier, champion, ROC curves."""
+    def img(fig: Any) -> str:
+        return f'<img src="data:image/png;base64,{base64.b64encode(figure_png(fig)).decode()}">'
+
+    by_name = {r.target.name: r for r in reports}
+    body = [f"<h1>raymia audit: {html.escape(title)}</h1>",
+            f"<p>MLflow parent run <code>{run_id}</code>. Leakage = {html.escape(leakage_name)}. AUC and TPR are "
+            "threshold-free / oracle sweeps over the audited members and non-members.</p>"]
+    if champion is not None:
+        body.append(f"<p><b>Champion: {html.escape(champion[0].name)}</b> — {html.escape(champion[1])}.</p>")
+    head = ["configuration", "defense", "test acc", "gap", "best attack", "AUC", "TPR@0.1%FPR", "leakage", "front"]
+    trs = []
+    for row in sorted(rows, key=lambda r: r["leakage"]):
+        r = by_name[row["configuration"]]
+        b = r.best_attack()
+        cells = [row["configuration"] + (" ★" if row["champion"] else ""), row["defense"], f"{r.test_acc:.4f}",
+                 f"{r.gap:+.4f}", b.name, f"{b.metrics.auc:.4f}", f"{b.metrics.tpr_at_fpr['0.1pct']:.4f}",
+                 f"{row['leakage']:.4f}", "✓" if row["on_front"] else ""]
+        trs.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    body.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(trs) + "</table>")
+    body += [f"<h2>Privacy-utility frontier</h2>{img(fig)}" for fig in figures.values()]
+    body.append("<h2>Attacks per configuration (log-log ROC)</h2>")
+    for r in reports:
+        fig = roc_figure(r.attacks, r.target.name)
+        body.append(img(fig))
+        close(fig)
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;font-size:13px}img{max-width:720px;display:block;margin:1em 0}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>raymia: {html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Fixed-width table with one row per target configuration."""
+    """Fixed-width table with one row per target configuration (plus its frontier leakage when known)."""
     headers = ["target", "test acc", "gap", "best attack", "AUC", "TPR@0.1%FPR"]
     cells = [[r["target"], f"{r['test_acc']:.3f}", f"{r['gap']:+.3f}", r["best_attack"], f"{r['auc']:.3f}",
               f"{r['tpr_at_0.1pct_fpr']:.3f}"] for r in rows]
+    if all("leakage" in r for r in rows):
+        headers.append("leakage")
+        for cell, r in zip(cells, rows):
+            cell.append(f"{r['leakage']:.3f}" + ("*" if r.get("on_front") else ""))
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]

@@ -6,9 +6,10 @@ lets any attack be re-scored later without retraining (``raymia rescore``).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,12 @@ from raymia.training.loop import predict_logits
 @dataclass(frozen=True, eq=False)
 class ModelSignals:
     """One model's outputs on the scored samples: ``logits [n, A, C]`` for the A query views and the
-    labels it predicts under the V label-only views, ``label_only [n, V]``."""
+    labels it predicts under the V label-only views, ``label_only [n, V]``, plus numbers its training reported
+    (``extra``, e.g. the DP epsilon)."""
 
     logits: np.ndarray
     label_only: np.ndarray
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def compute_signals(models: Sequence[nn.Module], x: np.ndarray, query_views: list[str], label_only: LabelOnlyConfig,
@@ -53,6 +56,7 @@ class PoolSignals:
         logits: float32 ``[M, n, A, C]`` for the query views ``query_views``.
         keep: bool ``[M, n]``: ``keep[m, i]`` iff model m trained on sample i.
         label_only: int16 ``[M, n, V]`` predicted labels under the label-only views.
+        target_extra: numbers the target's training reported (e.g. ``dp_epsilon``).
     """
 
     indices: np.ndarray
@@ -63,6 +67,7 @@ class PoolSignals:
     keep: np.ndarray
     label_only: np.ndarray
     query_views: tuple[str, ...]
+    target_extra: dict[str, float] = field(default_factory=dict)
 
     def model(self, model_id: str) -> int:
         hits = np.flatnonzero(self.model_ids == model_id)
@@ -92,7 +97,8 @@ class PoolSignals:
             "keep": self.keep.reshape(-1),
             "logits": pa.FixedSizeListArray.from_arrays(pa.array(self.logits.reshape(-1), pa.float32()), a * c),
             "label_only": pa.FixedSizeListArray.from_arrays(pa.array(self.label_only.reshape(-1), pa.int16()), v),
-        }).replace_schema_metadata({"raymia.query_views": ",".join(self.query_views), "raymia.num_classes": str(c)})
+        }).replace_schema_metadata({"raymia.query_views": ",".join(self.query_views), "raymia.num_classes": str(c),
+                                    "raymia.target_extra": json.dumps(self.target_extra)})
         tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
         pq.write_table(table, tmp)
         os.replace(tmp, path)
@@ -121,4 +127,5 @@ class PoolSignals:
             keep=table.column("keep").to_numpy(zero_copy_only=False).reshape(m, n),
             label_only=lo.flatten().to_numpy().reshape(m, n, v),
             query_views=views,
+            target_extra=json.loads(meta.get("raymia.target_extra", "{}")),
         )

@@ -153,14 +153,30 @@ class AuditRun:
             self._log(child_id, metrics=target_metrics(report))
             for path, fig in figures.items():
                 self.client.log_figure(child_id, fig, path)
-            self.log_files({**files, "protocol.json": json.dumps(THRESHOLD_SOURCES, indent=2).encode()}, child_id)
+            self.log_files({**files, "protocol.json": json.dumps(THRESHOLD_SOURCES, indent=2).encode(),
+                            "target.json": report.target.model_dump_json(indent=2).encode()}, child_id)
         return child_id
+
+    def log_utility_child(self, name: str, final: dict[str, Any]) -> str:
+        """A child run for a utility-only sweep trial: its defense settings and accuracies."""
+        params = {"defense": final["defense"]["name"], **flat_params("defense", {k: v for k, v in
+                                                                                  final["defense"].items() if k != "name"})}
+        with self.child(name, params=params, tags={"raymia.kind": "utility"}) as child_id:
+            self._log(child_id, metrics={k: float(final[k]) for k in ("test_acc", "val_acc") if k in final})
+        return child_id
+
+    def log_failed_child(self, name: str, error: str) -> None:
+        """A FAILED child run for a configuration whose trial raised, with the error in tag ``raymia.error``."""
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": self.run_id, "raymia.kind": "target",
+                                           "raymia.error": error[:5000]})
+        self.client.set_terminated(run.info.run_id, "FAILED")
 
 
 @contextmanager
 def audit_run(cfg: AuditConfig, tracking_uri: str, *, tags: dict[str, str] | None = None) -> Iterator[AuditRun]:
     """Create the audit's parent run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C — never RUNNING."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     name = cfg.tracking.experiment
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(
@@ -197,7 +213,7 @@ class StoredAudit:
     def children(self) -> list[Any]:
         runs = self.client.search_runs([self.run.info.experiment_id],
                                        f"tags.mlflow.parentRunId = '{self.run.info.run_id}' "
-                                       "and tags.`raymia.kind` = 'target'")
+                                       "and tags.`raymia.kind` = 'target' and attributes.status = 'FINISHED'")
         return sorted(runs, key=lambda r: r.info.start_time)
 
     def download(self, run_id: str, path: str, dest: str) -> str:
@@ -207,7 +223,7 @@ class StoredAudit:
 @contextmanager
 def open_run(tracking_uri: str, run_id: str) -> Iterator[StoredAudit]:
     """Open a finished audit by parent run id; a wrong id is a :class:`UserError`."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         run = client.get_run(run_id)
     except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException subclasses for unknown ids
@@ -216,3 +232,20 @@ def open_run(tracking_uri: str, run_id: str) -> Iterator[StoredAudit]:
     if run.data.tags.get("raymia.kind") != "audit":
         raise UserError(f"run '{run_id}' is not a raymia audit parent run")
     yield StoredAudit(client, run)
+
+
+def register_champion(run: AuditRun, name: str, child_run_id: str) -> str:
+    """Register the child run's ``model/`` artifacts (safetensors weights + spec.json, no pickled code) as a new
+    version of ``name`` and point alias ``champion`` at it. Returns the version."""
+    client = run.client
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - MLflow raises RestException / MlflowException when it does not exist
+        client.create_registered_model(name, description="raymia champion: weights in safetensors + spec.json; "
+                                                          "load with raymia.registry.load_model")
+    version = client.create_model_version(name, source=f"runs:/{child_run_id}/model", run_id=child_run_id,
+                                          tags={"raymia.audit_run": run.run_id})
+    client.set_registered_model_alias(name, "champion", version.version)
+    client.set_tag(run.run_id, "raymia.champion_run", child_run_id)
+    client.set_tag(run.run_id, "raymia.champion_model", f"models:/{name}@champion")
+    return version.version

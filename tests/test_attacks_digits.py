@@ -25,7 +25,7 @@ def build_pool(digits, target_train, members, nonmembers, population, k: int, se
     jobs = [TrainJob("target", TARGET, "target", 0, np.sort(target_train), 1000 + seed, "fp")]
     jobs += [TrainJob(f"ref{j}", TARGET, "reference", j, np.sort(rng.choice(audited, len(audited) // 2, replace=False)),
                       seed * 100 + j, "fp") for j in range(k)]
-    models, _ = train_models(jobs, digits)
+    models, _, _ = train_models(jobs, digits)
     scored = np.sort(np.r_[audited, population])
     signals = compute_signals([models[j.job_id] for j in jobs], digits.x[scored], ["identity"], LabelOnlyConfig())
     roles = np.where(np.isin(scored, members), "target_members",

@@ -47,12 +47,16 @@ def test_content_key_changes_with_any_ingredient():
 def test_cache_round_trip_and_corruption_is_a_miss(tmp_path):
     cache = ModelCache(tmp_path / "cache")
     state = {"w": torch.arange(6.0).reshape(2, 3)}
-    cache.save_model("ab" * 32, state)
+    cache.save_model("ab" * 32, state, {"dp_epsilon": 2.5})
     assert cache.has_model("ab" * 32)
-    torch.testing.assert_close(cache.load_model("ab" * 32)["w"], state["w"])
-    signals = ModelSignals(np.ones((3, 1, 2), np.float32), np.zeros((3, 4), np.int16))
+    weights, extra = cache.load_model("ab" * 32)
+    torch.testing.assert_close(weights["w"], state["w"])
+    assert extra == {"dp_epsilon": 2.5}
+    signals = ModelSignals(np.ones((3, 1, 2), np.float32), np.zeros((3, 4), np.int16), {"x": 1.0})
     cache.save_signals("cd" * 32, "v1", signals)
-    np.testing.assert_array_equal(cache.load_signals("cd" * 32, "v1").logits, signals.logits)
+    back = cache.load_signals("cd" * 32, "v1")
+    np.testing.assert_array_equal(back.logits, signals.logits)
+    assert back.extra == {"x": 1.0}
     assert cache.load_signals("cd" * 32, "v2") is None
 
     files = list((tmp_path / "cache" / "models").rglob("*.safetensors"))
@@ -67,4 +71,4 @@ def test_cache_accepts_a_uri(tmp_path):
     cache = ModelCache(f"file://{tmp_path}/uri-cache")
     cache.save_model("ef" * 32, {"w": torch.ones(2)})
     assert (tmp_path / "uri-cache" / "models" / "ef").is_dir()
-    assert cache.load_model("ef" * 32)["w"].sum() == 2
+    assert cache.load_model("ef" * 32)[0]["w"].sum() == 2

@@ -38,7 +38,7 @@ def test_hflip_queries_need_images(tmp_path):
 def test_conv_models_train_through_the_factory_loop(digits):
     target = TargetConfig(name="c", model=ModelSpec(arch="cnn", params={"channels": [8]}), train=TrainRecipe(epochs=1))
     jobs = [TrainJob(f"j{i}", target, "reference", i, np.arange(i, 300, 2), i, "fp") for i in range(2)]
-    models, vmapped = train_models(jobs, digits)
+    models, vmapped, _ = train_models(jobs, digits)
     assert vmapped == 0 and set(models) == {"j0", "j1"}  # convs on CPU: a loop, not vmap
 
 

@@ -48,14 +48,18 @@ class AttackNet(nn.Module):
         return self.head(h)
 
 
+def membership_features(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[B, 2C + 1]`` float32 from logits ``[B, C]``: softmax probabilities, one-hot label, cross-entropy (capped at
+    30). Differentiable, so adversarial regularisation can train against the same view of a model's outputs."""
+    logp = torch.log_softmax(logits.double(), dim=1)
+    ce = (-logp.gather(1, labels[:, None])).clamp(max=30.0)
+    onehot = torch.nn.functional.one_hot(labels, logits.shape[1]).to(logp.dtype)
+    return torch.cat([logp.exp(), onehot, ce], dim=1).float()
+
+
 def attack_features(out: ModelOutputs) -> torch.Tensor:
-    """``[n, 2C + 1]`` float32: softmax probabilities, one-hot label, cross-entropy (capped at 30)."""
-    logp = out.log_probs()
-    n, c = logp.shape
-    onehot = np.zeros((n, c))
-    onehot[np.arange(n), out.labels] = 1.0
-    ce = np.minimum(-logp[np.arange(n), out.labels], 30.0)[:, None]
-    return torch.from_numpy(np.concatenate([np.exp(logp), onehot, ce], axis=1).astype(np.float32))
+    """:func:`membership_features` of stored outputs."""
+    return membership_features(torch.from_numpy(out.logits), torch.from_numpy(np.asarray(out.labels, dtype=np.int64)))
 
 
 def nn_attack_scores(shadow: ShadowOutputs, targets: list[ModelOutputs], cfg: NNAttackConfig | None = None

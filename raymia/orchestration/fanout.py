@@ -84,16 +84,20 @@ class _Progress(tune.Callback):
                   f"{result['seconds']:.1f} s")
 
 
-def _plugin_builders(plan: AuditPlan) -> dict[str, Callable[..., Any]]:
+def plugin_builders(plan: AuditPlan) -> dict[str, Callable[..., Any]]:
     """Resolve user architectures here and ship their modules by value, so workers need not import them."""
     builders = {}
-    for i, t in enumerate(plan.config.targets):
-        if is_import_path(t.model.arch):
-            fn = resolve_builder(t.model, field=f"targets.{i}.model")
+    cfg = plan.config
+    specs = [(f"targets.{i}.model", t.model) for i, t in enumerate(cfg.targets)]
+    if cfg.sweep is not None:
+        specs.append(("sweep.base.model", cfg.sweep.base.model))
+    for field, spec in specs:
+        if is_import_path(spec.arch):
+            fn = resolve_builder(spec, field=field)
             module = sys.modules[fn.__module__]
             if module.__name__.split(".")[0] != "raymia":
                 cloudpickle.register_pickle_by_value(module)
-            builders[t.model.arch] = fn
+            builders[spec.arch] = fn
     return builders
 
 
@@ -122,7 +126,7 @@ def produce_on_ray(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache,
                  "strategy": cfg.reference.strategy, "device": cfg.compute.device}
     trainable = tune.with_resources(
         tune.with_parameters(_produce_trial, groups=groups, plan_bits=plan_bits, cache=cache,
-                             builders=_plugin_builders(plan)),
+                             builders=plugin_builders(plan)),
         resources,
     )
     tuner = tune.Tuner(

@@ -6,7 +6,10 @@ Runs without Ray: :func:`produce_locally` trains in this process; orchestration 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,10 +23,11 @@ from raymia.data.datasets import Dataset
 from raymia.data.queries import is_image, views_fingerprint
 from raymia.data.splits import ROLES, SplitPlan, make_split_plan, reference_keep_mask
 from raymia.errors import UserError
-from raymia.metrics import accuracy
-from raymia.models.classifiers import check_model
+from raymia.metrics import AttackMetrics, accuracy
+from raymia.defenses import make_defense
+from raymia.models.classifiers import build_model, check_model
 from raymia.pipeline.factory import produce_signals
-from raymia.pipeline.jobs import TrainJob
+from raymia.pipeline.jobs import DefenseRows, TrainJob
 from raymia.signals import ModelSignals, PoolSignals
 
 #: Attacks whose metrics are also averaged over leave-one-out targets (``attacks.loo_targets``).
@@ -57,15 +61,24 @@ class AuditPlan:
         return [j for j in self.jobs if j.target.name == target]
 
 
+def check_target(target: TargetConfig, dataset: Dataset, *, field: str) -> None:
+    """Build the target's (defended) architecture and run it once, so bad plug-ins or incompatible defenses fail
+    before training."""
+    defense = make_defense(target.defense)
+    spec = defense.model_spec(target.model)
+    check_model(spec, dataset.input_shape, dataset.num_classes, field=f"{field}.model")
+    defense.check(build_model(spec, dataset.input_shape, dataset.num_classes), field=f"{field}.defense")
+
+
 def plan_audit(cfg: AuditConfig, dataset: Dataset) -> AuditPlan:
     """Split the data, draw the reference keep-mask and list one job per target and reference model.
 
     The reference pool holds the audited samples (members and non-members; plus the population if configured),
     so every audited sample is IN for about ``pkeep * K`` reference models (LiRA/RMIA online need IN models).
-    Every architecture runs on two inputs first, so a bad plug-in fails before training.
+    A sweep's configurations get their jobs inside their trials (:func:`jobs_for_target`).
     """
     for i, t in enumerate(cfg.targets):
-        check_model(t.model, dataset.input_shape, dataset.num_classes, field=f"targets.{i}.model")
+        check_target(t, dataset, field=f"targets.{i}")
     if "hflip" in cfg.attacks.queries and not is_image(dataset.input_shape):
         raise UserError(f"hflip needs image inputs; {dataset.name} has feature vectors of shape "
                         f"{dataset.input_shape}; use [identity]", field="attacks.queries")
@@ -75,15 +88,21 @@ def plan_audit(cfg: AuditConfig, dataset: Dataset) -> AuditPlan:
     pool_roles = ["target_members", "target_nonmembers"] + (["population"] if ref.pool != "audited" else [])
     pool = np.sort(np.concatenate([split[r] for r in pool_roles]))
     keep = reference_keep_mask(len(pool), ref.count, fraction=ref.pkeep, seed=cfg.seed)
-    jobs: list[TrainJob] = []
-    for t in cfg.targets:
-        jobs.append(TrainJob(f"{t.name}/target", t, "target", 0, split["target_members"],
-                             derive_seed(cfg.seed, t.name, "target"), fp))
-        for k in range(ref.count):
-            jobs.append(TrainJob(f"{t.name}/ref-{k:03d}", t, "reference", k, pool[keep[k]],
-                                 derive_seed(cfg.seed, t.name, "reference", k), fp))
     views_id = views_fingerprint(list(cfg.attacks.queries), cfg.attacks.label_only)
-    return AuditPlan(cfg, dataset, split, pool, keep, jobs, split.used_indices(), views_id)
+    plan = AuditPlan(cfg, dataset, split, pool, keep, [], split.used_indices(), views_id)
+    return dataclasses.replace(plan, jobs=[j for t in cfg.targets for j in jobs_for_target(plan, t)])
+
+
+def jobs_for_target(plan: AuditPlan, target: TargetConfig) -> list[TrainJob]:
+    """The target's job (trained on the members) and one job per reference model (its keep-mask row)."""
+    cfg, split, fp = plan.config, plan.split, plan.split.data_fingerprint
+    rows = DefenseRows(split["calibration"], split["population"])
+    jobs = [TrainJob(f"{target.name}/target", target, "target", 0, split["target_members"],
+                     derive_seed(cfg.seed, target.name, "target"), fp, rows)]
+    for k in range(cfg.reference.count):
+        jobs.append(TrainJob(f"{target.name}/ref-{k:03d}", target, "reference", k, plan.pool[plan.keep[k]],
+                             derive_seed(cfg.seed, target.name, "reference", k), fp, rows))
+    return jobs
 
 
 def produce_locally(plan: AuditPlan, cache: ModelCache, *, device: torch.device | str = "cpu",
@@ -120,6 +139,7 @@ def assemble_pool(plan: AuditPlan, target: TargetConfig, signals: dict[str, Mode
         keep=np.stack([np.isin(scored, j.train_indices) for j in jobs]),
         label_only=np.stack([signals[j.job_id].label_only for j in jobs]),
         query_views=tuple(plan.config.attacks.queries),
+        target_extra=dict(signals[jobs[0].job_id].extra),
     )
 
 
@@ -144,6 +164,33 @@ class TargetReport:
         """The attack with the highest AUC (ties: the first configured)."""
         return max(self.attacks.values(), key=lambda a: a.metrics.auc)
 
+    def save(self, folder: str | Path) -> None:
+        """Write the report as files (JSON, Parquet) that :meth:`load` turns back into the same report."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.pool.to_parquet(folder / "pool.parquet")
+        self.scores.to_parquet(folder / "scores.parquet", index=False)
+        (folder / "report.json").write_text(json.dumps({
+            "target": self.target.model_dump(mode="json"), "train_acc": self.train_acc, "test_acc": self.test_acc,
+            "reference_test_acc": self.reference_test_acc, "extra": self.extra,
+            "bal_acc_shadow": {n: a.bal_acc_shadow for n, a in self.attacks.items()},
+        }))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "TargetReport":
+        folder = Path(folder)
+        meta = json.loads((folder / "report.json").read_text())
+        scores = pd.read_parquet(folder / "scores.parquet")
+        member = scores["is_member"].to_numpy()
+        attacks = {}
+        for name, bal in meta["bal_acc_shadow"].items():
+            s = scores[name].to_numpy()
+            attacks[name] = AttackResult(name, s[member], s[~member], AttackMetrics.from_scores(s[member], s[~member]), bal)
+        return cls(target=TargetConfig.model_validate(meta["target"]), train_acc=meta["train_acc"],
+                   test_acc=meta["test_acc"], attacks=attacks, scores=scores,
+                   reference_test_acc=meta["reference_test_acc"], pool=PoolSignals.from_parquet(folder / "pool.parquet"),
+                   extra=meta["extra"])
+
 
 def evaluate_pool(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals) -> TargetReport:
     """Every enabled attack against the target in ``pool`` (and, if configured, leave-one-out targets)."""
@@ -155,7 +202,7 @@ def evaluate_pool(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals) -> 
            for role in ("target_members", "test")}
     test = pool.role_mask("test")
     ref_acc = [accuracy(pool.logits[r, test, 0], pool.labels[test]) for r in pool.reference_rows]
-    extra: dict[str, float] = {}
+    extra: dict[str, float] = {f"defense.{k}": v for k, v in pool.target_extra.items()}
     n_loo = min(cfg.attacks.loo_targets, len(pool.reference_rows))
     for k in range(n_loo):
         for name, r in run_attacks(cfg.attacks.enabled, leave_one_out_inputs(pool, k, knobs.rmia), knobs).items():

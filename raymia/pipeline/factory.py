@@ -1,13 +1,15 @@
 """The reference-model factory: train a group of models fast, reuse cached ones, and produce their outputs.
 
-Models that share an architecture, recipe and training-set size train together with ``vmap``
-(:mod:`raymia.training.ensemble`) where that is faster, otherwise one after another with the one training loop.
+Models that share an architecture, recipe, defense and training-set size train together with ``vmap``
+(:mod:`raymia.training.ensemble`) where that is faster, otherwise one after another with the one training loop;
+each model is trained with its target's defense (reference models too: the attacker is adaptive).
 Finished weights and outputs go to the :class:`~raymia.cache.ModelCache`, which is also how results travel
 from Ray workers back to the driver.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -21,11 +23,11 @@ from torch import nn
 from raymia.cache import ModelCache
 from raymia.data.datasets import Dataset
 from raymia.data.queries import LabelOnlyConfig
+from raymia.defenses import DefenseContext, make_defense
 from raymia.models.classifiers import build_model
 from raymia.pipeline.jobs import TrainJob
 from raymia.signals import compute_signals
-from raymia.training.ensemble import prefers_vmap, train_ensemble
-from raymia.training.loop import train_classifier
+from raymia.training.ensemble import train_many
 
 Strategy = Literal["auto", "vmap", "loop"]
 
@@ -41,35 +43,47 @@ class FactoryStats:
     seconds: float = 0.0
 
 
-def _build(job: TrainJob, dataset: Dataset, builders: Mapping[str, Callable[..., nn.Module]]) -> nn.Module:
-    return build_model(job.target.model, dataset.input_shape, dataset.num_classes, seed=job.seed,
-                       builder=builders.get(job.target.model.arch))
-
-
 def train_models(jobs: Sequence[TrainJob], dataset: Dataset, *, strategy: Strategy = "auto",
                  device: torch.device | str = "cpu", builders: Mapping[str, Callable[..., nn.Module]] | None = None,
-                 ) -> tuple[dict[str, nn.Module], int]:
-    """Train every job; returns the models by job id and how many were trained inside a ``vmap`` ensemble."""
+                 ) -> tuple[dict[str, nn.Module], int, dict[str, dict[str, float]]]:
+    """Train every job with its target's defense.
+
+    Returns the models and the numbers their training reported (e.g. DP epsilon) by job id, and how many models
+    were trained inside a ``vmap`` ensemble. Single-stage defenses train a configuration's models as one group
+    (:func:`~raymia.training.ensemble.train_many`); multi-stage ones (DMP, SELENA) run their own plan per model.
+    """
     builders = builders or {}
     x, y = torch.from_numpy(dataset.x), torch.from_numpy(dataset.y)
-    groups: dict[tuple, list[TrainJob]] = defaultdict(list)
+    groups: dict[str, list[TrainJob]] = defaultdict(list)
     for job in jobs:
-        groups[(job.target.name, len(job.train_indices))].append(job)
+        groups[job.target.name].append(job)
     models: dict[str, nn.Module] = {}
+    extras: dict[str, dict[str, float]] = {}
     vmapped = 0
     for group in groups.values():
-        built = [_build(j, dataset, builders) for j in group]
-        use_vmap = len(group) > 1 and (strategy == "vmap" or (strategy == "auto" and prefers_vmap(built[0], None, device)))
-        if use_vmap:
-            train_ensemble(built, x, y, [j.train_indices for j in group], group[0].target.train,
-                           [j.seed for j in group], device=device)
-            vmapped += len(group)
-        else:
-            for job, model in zip(group, built):
-                idx = torch.from_numpy(job.train_indices)
-                train_classifier(model, x[idx], y[idx], job.target.train, seed=job.seed, device=device)
+        target = group[0].target
+        defense = make_defense(target.defense)
+        spec = defense.model_spec(target.model)
+
+        def build(seed: int) -> nn.Module:
+            return build_model(spec, dataset.input_shape, dataset.num_classes, seed=seed, builder=builders.get(spec.arch))
+
+        rows = group[0].defense_rows
+        ctx = DefenseContext(dataset, rows.calibration, rows.reference, device)
+        if defense.multi_stage:
+            for job in group:
+                result = defense.fit(build, job.train_indices, target.train, job.seed, ctx)
+                models[job.job_id], extras[job.job_id] = result.model, result.extra
+            continue
+        recipe = defense.recipe(target.train)
+        built = [build(j.seed) for j in group]
+        n_vmapped, group_extras = train_many(
+            built, x, y, [j.train_indices for j in group], recipe, [j.seed for j in group],
+            make_policy=lambda n, seed: defense.policy(ctx, recipe, n, seed), strategy=strategy, device=device)
+        vmapped += n_vmapped
         models.update({j.job_id: m for j, m in zip(group, built)})
-    return models, vmapped
+        extras.update({j.job_id: e for j, e in zip(group, group_extras)})
+    return models, vmapped, extras
 
 
 def produce_signals(jobs: Sequence[TrainJob], dataset: Dataset, scored: np.ndarray, cache: ModelCache, *,
@@ -90,24 +104,29 @@ def produce_signals(jobs: Sequence[TrainJob], dataset: Dataset, scored: np.ndarr
         else:
             need_outputs.append(job)
     models: dict[str, nn.Module] = {}
+    extras: dict[str, dict[str, float]] = {}
     to_train: list[TrainJob] = []
     for job in need_outputs:
-        state = cache.load_model(job.key) if reuse else None
-        if state is None:
+        cached = cache.load_model(job.key) if reuse else None
+        if cached is None:
             to_train.append(job)
             continue
-        model = _build(job, dataset, builders)
+        state, extras[job.job_id] = cached
+        spec = make_defense(job.target.defense).model_spec(job.target.model)
+        model = build_model(spec, dataset.input_shape, dataset.num_classes, builder=builders.get(spec.arch))
         model.load_state_dict(state)
         models[job.job_id] = model
         stats.reused_models += 1
-    trained, stats.vmapped = train_models(to_train, dataset, strategy=strategy, device=device, builders=builders)
+    trained, stats.vmapped, trained_extras = train_models(to_train, dataset, strategy=strategy, device=device,
+                                                          builders=builders)
     for job in to_train:
-        cache.save_model(job.key, trained[job.job_id].state_dict())
+        cache.save_model(job.key, trained[job.job_id].state_dict(), trained_extras[job.job_id])
         stats.trained.append(job.job_id)
     models.update(trained)
+    extras.update(trained_extras)
     outputs = compute_signals([models[j.job_id] for j in need_outputs], dataset.x[scored], query_views, label_only,
                               device=device)
     for job, signals in zip(need_outputs, outputs):
-        cache.save_signals(job.key, views_id, signals)
+        cache.save_signals(job.key, views_id, dataclasses.replace(signals, extra=extras[job.job_id]))
     stats.seconds = time.perf_counter() - start
     return stats

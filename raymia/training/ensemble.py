@@ -15,7 +15,7 @@ running statistics do not vmap; :func:`prefers_vmap` encodes this and callers fa
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from raymia.training.loop import (TrainingPolicy, TrainRecipe, TrainResult, augment_batch, epoch_orders,
-                                  make_optimizer, make_scheduler)
+                                  make_optimizer, make_scheduler, train_classifier)
 
 
 #: Above this many parameters per model, batched matmuls on CPU are slower than a loop of plain ones.
@@ -100,3 +100,32 @@ def train_ensemble(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor
                                **{name: b[k] for name, b in buffers.items()}})
             m.eval()
     return [TrainResult(epochs_run=recipe.epochs, final_loss=float(epoch_loss[k])) for k in range(k_models)]
+
+
+def train_many(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, index_sets: Sequence[np.ndarray],
+               recipe: TrainRecipe, seeds: Sequence[int], *,
+               make_policy: Callable[[int, int], TrainingPolicy | None] = lambda n, seed: None, strategy: str = "auto",
+               device: torch.device | str = "cpu") -> tuple[int, list[dict[str, float]]]:
+    """Train ``models[k]`` in place on rows ``index_sets[k]`` of ``x``/``y`` with ``seeds[k]``.
+
+    Same-size groups train together with ``vmap`` where :func:`prefers_vmap` (or ``strategy="vmap"``) allows,
+    the rest one by one. ``make_policy(n, seed)`` builds a fresh training policy for a model trained on n samples.
+    Returns how many models were trained inside a ``vmap`` ensemble and each model's policy extras.
+    """
+    by_size: dict[int, list[int]] = {}
+    for k, rows in enumerate(index_sets):
+        by_size.setdefault(len(rows), []).append(k)
+    vmapped, extras = 0, [{} for _ in models]
+    for n, ks in by_size.items():
+        probe = make_policy(n, seeds[ks[0]])
+        if len(ks) > 1 and strategy != "loop" and (strategy == "vmap" or prefers_vmap(models[ks[0]], probe, device)):
+            train_ensemble([models[k] for k in ks], x, y, [index_sets[k] for k in ks], recipe, [seeds[k] for k in ks],
+                           policy=probe, device=device)
+            vmapped += len(ks)
+            continue
+        for k in ks:
+            policy = make_policy(n, seeds[k])
+            rows = torch.as_tensor(np.asarray(index_sets[k]), dtype=torch.long)
+            train_classifier(models[k], x[rows], y[rows], recipe, seed=seeds[k], policy=policy, device=device)
+            extras[k] = dict(policy.extra) if policy is not None else {}
+    return vmapped, extras

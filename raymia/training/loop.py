@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -71,7 +71,9 @@ class TrainingPolicy:
 
     - :meth:`attach` to wrap the model / optimizer before the first step (e.g. DP-SGD);
     - :meth:`loss` to replace the per-batch objective (e.g. RelaxLoss, label smoothing, distillation);
-    - :meth:`end_epoch` to stop early (e.g. early stopping on a validation split).
+    - :meth:`end_epoch` to stop early (e.g. early stopping on a validation split);
+    - :meth:`finish` to clean up or pick the final weights once training ends;
+    - :attr:`extra` to report numbers about the run (e.g. the achieved DP epsilon).
     """
 
     name = "none"
@@ -89,6 +91,14 @@ class TrainingPolicy:
     def end_epoch(self, model: nn.Module, epoch: int) -> bool:
         """Called after every epoch; return True to stop training."""
         return False
+
+    def finish(self, model: nn.Module) -> None:
+        """Called once after the last epoch, before the model is put in eval mode."""
+
+    @property
+    def extra(self) -> dict[str, float]:
+        """Numbers this policy reports about the finished run (logged as metrics ``defense.<name>``)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -127,11 +137,13 @@ def epoch_orders(n: int, seed: int) -> Iterator[torch.Tensor]:
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, *, seed: int,
                      policy: TrainingPolicy | None = None, device: torch.device | str = "cpu",
-                     progress: bool = False, desc: str = "train") -> TrainResult:
+                     progress: bool = False, desc: str = "train",
+                     on_epoch: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
     """Train ``model`` in place on ``x [n, *shape]`` and targets ``y [n]`` (or soft labels ``[n, C]``).
 
     Deterministic under ``seed`` on a given device: the batch order comes from a seeded generator and the
     global torch RNG (dropout) is reseeded. Shows a progress bar when ``progress`` and stderr is a terminal.
+    ``on_epoch(epoch, model)`` is called after every epoch (e.g. to report validation accuracy to a scheduler).
     """
     policy = policy or TrainingPolicy()
     device = torch.device(device)
@@ -168,8 +180,11 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe:
         epochs_run, epoch_loss = epoch + 1, float(total) / steps_per_epoch
         if bar is not None:
             bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch, model)
         if policy.end_epoch(model, epoch):
             break
+    policy.finish(model)
     model.eval()
     return TrainResult(epochs_run=epochs_run, final_loss=epoch_loss)
 

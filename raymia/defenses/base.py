@@ -1,0 +1,89 @@
+"""What every training-time defense shares: the context it may use and the two ways it can act.
+
+A defense either supplies a :class:`~raymia.training.loop.TrainingPolicy` for the one training loop (RelaxLoss,
+label smoothing, early stopping, DP-SGD, adversarial regularisation), or — when it changes what data the final
+model learns from — orchestrates several runs of that loop in :meth:`Defense.fit` (DMP, SELENA). It never copies
+the loop. The same defense object trains the target and every reference model, so the attacker is adaptive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from raymia.data.datasets import Dataset
+from raymia.models.classifiers import ModelSpec
+from raymia.training.ensemble import train_many
+from raymia.training.loop import TrainingPolicy, TrainRecipe
+
+
+@dataclass(frozen=True, eq=False)
+class DefenseContext:
+    """Data a defense may use besides the rows it protects.
+
+    Attributes:
+        dataset: the whole dataset (features and labels).
+        calibration: defender-held rows never audited (validation for early stopping).
+        reference: rows disjoint from every audited sample (DMP's unlabeled reference set, AdvReg's non-members).
+        device: where to train.
+    """
+
+    dataset: Dataset
+    calibration: np.ndarray
+    reference: np.ndarray
+    device: torch.device | str = "cpu"
+
+
+@dataclass
+class FitResult:
+    """A defended model, numbers about its training, and the rows its final training loss touched."""
+
+    model: nn.Module
+    extra: dict[str, float] = field(default_factory=dict)
+    data_rows: np.ndarray | None = None
+
+
+class Defense:
+    """No defense: ordinary cross-entropy training. Subclasses override :meth:`policy` and/or :meth:`fit`."""
+
+    name = "none"
+    #: True when training depends on :class:`DefenseContext` rows (so they belong in the cache key).
+    uses_context_rows = False
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    def model_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The architecture actually trained (regularisation may add dropout)."""
+        return spec
+
+    def recipe(self, recipe: TrainRecipe) -> TrainRecipe:
+        """The optimisation recipe actually used (regularisation may change weight decay)."""
+        return recipe
+
+    def policy(self, ctx: DefenseContext, recipe: TrainRecipe, n_train: int, seed: int) -> TrainingPolicy | None:
+        """A fresh policy for one model trained on ``n_train`` rows with ``seed`` (``None``: plain cross-entropy)."""
+        return None
+
+    def check(self, model: nn.Module, *, field: str) -> None:
+        """Raise :class:`~raymia.errors.UserError` if this defense cannot train ``model`` (before any training)."""
+
+    @property
+    def multi_stage(self) -> bool:
+        """True when :meth:`fit` is overridden, i.e. the defense is more than a policy for one loop."""
+        return type(self).fit is not Defense.fit
+
+    def fit(self, build: Callable[[int], nn.Module], rows: np.ndarray, recipe: TrainRecipe, seed: int,
+            ctx: DefenseContext) -> FitResult:
+        """Train one defended model on ``rows``; ``build(seed)`` makes a fresh network of the target's architecture."""
+        model = build(seed)
+        recipe = self.recipe(recipe)
+        x, y = torch.from_numpy(ctx.dataset.x), torch.from_numpy(ctx.dataset.y)
+        _, extras = train_many([model], x, y, [rows], recipe, [seed],
+                               make_policy=lambda n, s: self.policy(ctx, recipe, n, s), strategy="loop", device=ctx.device)
+        return FitResult(model, extras[0], rows)

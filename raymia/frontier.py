@@ -1,0 +1,73 @@
+"""Turn an audit into a decision: the privacy-utility Pareto front and the champion configuration.
+
+A configuration is a point (test accuracy up, leakage down). It is on the front when no other point is at
+least as accurate and at most as leaky, and strictly better in one of the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raymia.config import ChampionConfig, FrontierConfig
+from raymia.errors import UserError
+
+
+@dataclass(frozen=True)
+class Point:
+    """One audited configuration: its name, defense, test accuracy and leakage (and MLflow child run)."""
+
+    name: str
+    defense: str
+    test_acc: float
+    leakage: float
+    run_id: str | None = None
+
+
+def leakage_of(report: object, cfg: FrontierConfig) -> float:
+    """The configured leakage metric of the configured attack (``best``: the maximum over attacks)."""
+    def metric(a: object) -> float:
+        m = a.metrics
+        return m.auc if cfg.leakage == "auc" else m.tpr_at_fpr[cfg.leakage.removeprefix("tpr_at_").removesuffix("_fpr")]
+    if cfg.attack == "best":
+        return max(metric(a) for a in report.attacks.values())
+    if cfg.attack not in report.attacks:
+        raise UserError(f"frontier attack '{cfg.attack}' was not run; add it to attacks.enabled", field="frontier.attack")
+    return metric(report.attacks[cfg.attack])
+
+
+def dominates(a: Point, b: Point) -> bool:
+    return a.test_acc >= b.test_acc and a.leakage <= b.leakage and (a.test_acc > b.test_acc or a.leakage < b.leakage)
+
+
+def pareto_front(points: list[Point]) -> list[Point]:
+    """Non-dominated points, by increasing leakage: sort by (leakage, -accuracy) and keep each point more
+    accurate than every less leaky one. O(n log n)."""
+    front: list[Point] = []
+    best_acc = float("-inf")
+    for p in sorted(points, key=lambda p: (p.leakage, -p.test_acc)):
+        if p.test_acc > best_acc:
+            front.append(p)
+            best_acc = p.test_acc
+    return front
+
+
+def choose_champion(points: list[Point], rule: ChampionConfig, leakage_name: str) -> tuple[Point, str]:
+    """The configuration ``rule`` selects and a sentence saying why. Raises :class:`UserError` if none qualifies."""
+    if rule.rule == "max_accuracy":
+        ok = [p for p in points if p.leakage <= rule.max_leakage]
+        if not ok:
+            lowest = min(points, key=lambda p: p.leakage)
+            raise UserError(f"no configuration has {leakage_name} <= {rule.max_leakage} (lowest: {lowest.name} at "
+                            f"{lowest.leakage:.4f}); raise champion.max_leakage or add stronger defenses",
+                            field="champion.max_leakage")
+        win = max(ok, key=lambda p: (p.test_acc, -p.leakage))
+        return win, (f"highest test accuracy ({win.test_acc:.4f}) among the {len(ok)} of {len(points)} configurations "
+                     f"with {leakage_name} <= {rule.max_leakage} (its {leakage_name}: {win.leakage:.4f})")
+    undefended = [p for p in points if p.defense == "none"]
+    base = max(undefended or points, key=lambda p: p.test_acc)
+    floor = base.test_acc - rule.max_accuracy_drop
+    ok = [p for p in points if p.test_acc >= floor - 1e-12]
+    win = min(ok, key=lambda p: (p.leakage, -p.test_acc))
+    return win, (f"lowest {leakage_name} ({win.leakage:.4f}) among the {len(ok)} of {len(points)} configurations "
+                 f"within {rule.max_accuracy_drop:.3f} test accuracy of {base.name} ({base.test_acc:.4f}); "
+                 f"its test accuracy: {win.test_acc:.4f}")
