@@ -38,14 +38,20 @@ class LiRAConfig(BaseModel):
     offline_test: Literal["cdf", "pdf"] = "cdf"
 
 
-def scaled_logit(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """phi ``[..., n, A]`` from logits ``[..., n, A, C]`` and labels ``[n]``, in float64."""
+def log_odds(logits: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """log p_k - log sum_{j != k} p_j = z_k - logsumexp_{j != k} z_j, in float64; ``logits [..., C]``, class
+    ``k`` broadcastable to ``[...]``. Exact and overflow-free (no softmax is formed)."""
     z = logits.astype(np.float64)
-    y = np.broadcast_to(labels[:, None, None], z.shape[:-1] + (1,))
-    z_y = np.take_along_axis(z, y, axis=-1)[..., 0]
+    idx = np.broadcast_to(np.asarray(k)[..., None], z.shape[:-1] + (1,))
+    z_k = np.take_along_axis(z, idx, axis=-1)[..., 0]
     others = z.copy()
-    np.put_along_axis(others, y, -np.inf, axis=-1)
-    return z_y - logsumexp(others, axis=-1)
+    np.put_along_axis(others, idx, -np.inf, axis=-1)
+    return z_k - logsumexp(others, axis=-1)
+
+
+def scaled_logit(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """LiRA's phi ``[..., n, A]`` from logits ``[..., n, A, C]`` and true labels ``[n]``."""
+    return log_odds(logits, labels[:, None])
 
 
 def _fit(phi: np.ndarray, mask: np.ndarray, center: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

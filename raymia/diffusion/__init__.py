@@ -1,0 +1,1 @@
+"""Diffusion models (diffusers ``UNet2DModel`` + DDPM schedule): building, training with EMA, saving."""

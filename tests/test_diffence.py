@@ -1,0 +1,135 @@
+"""DIFFENCE invariants (reference spec seed-methods §6.1) on small, untrained or hand-built models."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from raymia.defenses.diffence import (Diffence, DiffenceConfig, ddim_denoise, noised, search_interval, select,
+                                      top1_log_odds)
+from raymia.diffusion.model import DiffusionSpec, build_unet, make_scheduler
+from raymia.models.classifiers import ModelSpec, build_model
+
+ABAR = make_scheduler(DiffusionSpec()).alphas_cumprod
+
+
+@pytest.fixture(scope="module")
+def system(digits):
+    clf = build_model(ModelSpec(params={"hidden": [32]}), digits.input_shape, 10, seed=0)
+    unet = build_unet(DiffusionSpec(), digits.input_shape, seed=0)
+    return clf, unet
+
+
+def _diffence(system, **cfg):
+    clf, unet = system
+    return Diffence(clf, unet, ABAR, DiffenceConfig(**{"n": 6, "scenario": 3, **cfg}))
+
+
+def test_label_is_preserved_and_one_candidate_is_released(system, digits):
+    x = digits.x[:64]
+    for scenario in (1, 2, 3):
+        d = _diffence(system, scenario=scenario)
+        if scenario != 3:
+            d.calibrate(digits.x[100:140], digits.x[200:240])
+        released = d(x, seed=1)
+        original = d._classify(torch.from_numpy(x)).numpy()
+        assert (released.argmax(1) == original.argmax(1)).all()
+        cand = d.candidates(torch.from_numpy(x), torch.Generator().manual_seed(1))
+        matches = (np.abs(cand - released[:, None]).max(-1) == 0).sum(1)
+        assert (matches >= 1).all()  # exactly equal to a candidate's logits, not an average
+
+
+def test_n_zero_is_the_undefended_model(system, digits):
+    d = _diffence(system, n=0, scenario=1)
+    x = digits.x[:20]
+    np.testing.assert_array_equal(d(x), d._classify(torch.from_numpy(x)).numpy())
+
+
+class _BlackOut(nn.Module):
+    """A 'UNet' whose single DDIM jump lands on an all-black image (x̂0 = -1)."""
+
+    def forward(self, x, t):
+        a = ABAR[t].view(-1, 1, 1, 1)
+        return type("Out", (), {"sample": (x + a.sqrt()) / (1 - a).sqrt()})()
+
+
+class _Brightness(nn.Module):
+    """Class 1 for bright images, class 0 for dark ones."""
+
+    def forward(self, x):
+        m = x.flatten(1).mean(1, keepdim=True)
+        return torch.cat([0.5 - m, m - 0.5], dim=1) * 10
+
+
+def test_wrong_label_reconstructions_fall_back_to_the_original():
+    x = np.full((5, 1, 8, 8), 0.9, dtype=np.float32)
+    d = Diffence(_Brightness(), _BlackOut(), ABAR, DiffenceConfig(n=4, scenario=3))
+    cand = d.candidates(torch.from_numpy(x))
+    assert (cand[:, :-1].argmax(-1) == 0).all() and (cand[:, -1].argmax(-1) == 1).all()
+    np.testing.assert_array_equal(d(x), cand[:, -1])
+    d1 = Diffence(_Brightness(), _BlackOut(), ABAR, DiffenceConfig(n=4, scenario=1), interval=(-100.0, 100.0))
+    np.testing.assert_array_equal(d1(x), cand[:, -1])
+
+
+def test_interval_rule_first_inside_else_closest_to_midpoint():
+    def cand_with(phis, labels):  # two classes: logits (0, phi) give top-1 log-odds phi for class 1
+        rows = []
+        for p, lab in zip(phis, labels):
+            rows.append([0.0, p] if lab == 1 else [abs(p), 0.0])
+        return np.array([rows], dtype=np.float64)
+    cand = cand_with([5.0, 1.5, 2.5, 0.2], [1, 1, 1, 1])  # last = original
+    assert select(cand, (1.0, 3.0))[0] == 1  # the first kept candidate inside [a, b]
+    assert select(cand, (3.2, 4.0))[0] == 2  # none inside: closest to the midpoint 3.6 among kept (5.0 vs 2.5)
+    wrong = cand_with([1.5, 2.0, 0.2], [0, 1, 1])
+    assert select(wrong, (1.0, 2.5))[0] == 1  # the wrong-label candidate is never chosen
+    phi = top1_log_odds(cand)[0]
+    assert phi[select(cand, (1.0, 3.0))[0]] == pytest.approx(1.5)
+
+
+def test_paper_noise_has_the_textbook_mean_and_variance():
+    torch.manual_seed(0)
+    x0 = torch.full((20000,), 0.6)
+    noise = torch.randn(20000)
+    t = 160
+    paper = noised(x0, t, ABAR, noise, "paper")
+    a = ABAR[t]
+    assert float(paper.mean()) == pytest.approx(float(a.sqrt() * 0.6), abs=0.01)
+    assert float(paper.std()) == pytest.approx(float((1 - a).sqrt()), rel=0.02)
+    ref = noised(x0, t, ABAR, noise, "reference")
+    a1 = ABAR[t - 1]
+    assert float(ref.mean()) == pytest.approx(float(0.6 / a1.sqrt()), abs=0.01)
+    assert float(ref.std()) == pytest.approx(float((1 / a1 - 1).sqrt()), rel=0.02)
+
+
+def test_single_jump_ddim_is_one_unet_call_with_the_closed_form(system):
+    calls = []
+
+    class Counting(nn.Module):
+        def forward(self, x, t):
+            calls.append(t)
+            return type("Out", (), {"sample": torch.zeros_like(x)})()  # ε̂ = 0
+
+    x_t = torch.randn(3, 1, 8, 8)
+    out = ddim_denoise(Counting(), x_t, 160, ABAR, steps=1)
+    assert len(calls) == 1 and int(calls[0][0]) == 160
+    torch.testing.assert_close(out, ABAR[0].sqrt() * x_t / ABAR[160].sqrt())
+    ddim_denoise(Counting(), x_t, 160, ABAR, steps=4)
+    assert len(calls) == 1 + 4
+
+
+def test_fixed_seed_gives_identical_output_and_seeds_differ(system, digits):
+    x = digits.x[:32]
+    a, b = _diffence(system)(x, seed=3), _diffence(system)(x, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, _diffence(system)(x, seed=4))
+
+
+def test_scenario_interval_search(system, digits):
+    d = _diffence(system, scenario=1, grid_points=6)
+    cm, cn = d.candidates(torch.from_numpy(digits.x[:30])), d.candidates(torch.from_numpy(digits.x[30:60]))
+    a, b = search_interval(cm, cn, d.config)
+    assert a < b
+    a2, b2 = search_interval(cm, cn, d.config.model_copy(update={"scenario": 2}))
+    kept = (cm.argmax(-1) == cm[:, -1:].argmax(-1))[:, :-1]
+    phi = top1_log_odds(cm[:, :-1])[kept]
+    assert (a2, b2) == (pytest.approx(phi.min()), pytest.approx(phi.mean()))
