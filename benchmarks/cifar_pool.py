@@ -12,15 +12,11 @@ test accuracy. Target (issue #3): 64 ResNet-18s in under 10 minutes on one H100 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def main() -> None:
@@ -40,7 +36,7 @@ def main() -> None:
     quiet_defaults()
     import torch
 
-    from benchmarks.quickstart import machine
+    from raymia.machine import describe_machine
     from raymia.cache import ModelCache
     from raymia.config import parse_config
     from raymia.data.datasets import load_dataset, make_dataset
@@ -87,7 +83,7 @@ def main() -> None:
     accs = [float((signals[j.job_id].logits[test, 0].argmax(1) == dataset.y[plan.scored_indices[test]]).mean())
             for j in jobs]
     images = sum(len(j.train_indices) for j in jobs) * args.epochs
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     print(f"data: {'CIFAR-10 from ' + args.data_root if real else 'random CIFAR-shaped tensors (no dataset on this machine): speed only'}")
     arch = f"{args.arch} (width {args.width})" if args.arch == "resnet18" else args.arch
     print(f"{args.k} x {arch}, {args.epochs} epochs on {n_pool // 2} images each, batch "

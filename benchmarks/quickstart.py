@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,21 +19,6 @@ T0 = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPUs ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("config", nargs="?", default=str(REPO / "configs" / "quickstart.yaml"))
@@ -42,6 +26,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from raymia.audit import run_audit
+    from raymia.machine import describe_machine
     from raymia.config import load_config
 
     imported = time.perf_counter() - T0
@@ -52,7 +37,7 @@ def main() -> None:
         outcome = run_audit(cfg, echo=lambda line: None)
         audit = time.perf_counter() - start
     n_models = len(cfg.targets) * (1 + cfg.reference.count)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     print(f"config:  {args.config} ({len(cfg.targets)} targets, {cfg.reference.count} reference models each, {n_models} models, "
           f"attacks: {', '.join(cfg.attacks.enabled)})")
     print(f"{'imports':<14}{imported:7.1f} s")

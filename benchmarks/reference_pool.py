@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def main() -> None:
@@ -30,7 +27,7 @@ def main() -> None:
     from raymia.quiet import quiet_defaults
 
     quiet_defaults()
-    from benchmarks.quickstart import machine
+    from raymia.machine import describe_machine
     from raymia.cache import ModelCache
     from raymia.config import parse_config
     from raymia.data.datasets import load_dataset
@@ -64,7 +61,7 @@ def main() -> None:
                 rows.append((arm, done["trials"], seconds, 60 * len(jobs) / seconds))
     finally:
         release_ray(cluster)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     print(f"{args.k} digits MLPs (64-{args.hidden}-10, {args.epochs} epochs, batch 64, 898-sample pool halves); "
           f"each model: train + outputs on all scored samples")
     rows = rows[1:]  # drop the warm-up

@@ -26,7 +26,11 @@ from raymia.data.datasets import load_dataset
 from raymia.defenses import make_defense
 from raymia.errors import UserError
 from raymia.orchestration.cluster import connect_ray, release_ray, trial_resources
-from raymia.orchestration.fanout import produce_on_ray
+from raymia.orchestration.fanout import group_jobs, plugin_builders, produce_on_ray, run_tasks, trial_slots
+from raymia.pipeline.diffence_audit import (calibrate, diffence_report, diffusion_artifacts, diffusion_job,
+                                            ensure_diffusion_model, produce_diffence_signals)
+from raymia.pipeline.jobs import TrainJob
+from raymia.training.device import resolve_device
 from raymia.frontier import Point, choose_champion, leakage_of, pareto_front
 from raymia.orchestration.sweep import check_sweep, run_sweep
 from raymia.pipeline.audit import (AuditPlan, TargetReport, assemble_pool, evaluate_pool, jobs_for_target,
@@ -98,6 +102,8 @@ def _target_params(cfg: AuditConfig, plan_params: dict, report: TargetReport) ->
     t = report.target
     return {
         **plan_params, "arch": t.model.arch, "defense": t.defense.name,
+        "inference_defense": (report.inference or {}).get("name", "none"),
+        **flat_params("inference", {k: v for k, v in (report.inference or {}).items() if k != "name"}),
         **flat_params("defense", t.defense.model_dump(exclude={"name"})),
         "reference.count": cfg.reference.count, "reference.pkeep": cfg.reference.pkeep,
         "attacks.enabled": ",".join(cfg.attacks.enabled), "attacks.queries": ",".join(cfg.attacks.queries),
@@ -161,6 +167,45 @@ def _produce_targets(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, run: 
     with _phase(timings, "attacks"):
         reports = [evaluate_pool(cfg, t, assemble_pool(plan, t, signals)) for t in cfg.targets]
     return reports, totals
+
+
+def _timed(fn: Callable[[], object]) -> Callable[[], dict]:
+    def run() -> dict:
+        start = time.perf_counter()
+        fn()
+        return {"seconds": time.perf_counter() - start}
+    return run
+
+
+def _ensure_diffusion_on_ray(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, resources: dict, run: AuditRun,
+                             say: Callable[[str], None]) -> None:
+    """Train the audit's diffusion model as a Tune trial unless the cache has it."""
+    if cache.load_model(diffusion_job(plan).key) is not None:
+        return
+    say(f"training the diffusion model ({cfg.diffence.train.steps} steps) for DIFFENCE")
+    device = cfg.compute.device
+    run_tasks({"diffusion-model": _timed(lambda: ensure_diffusion_model(plan, cache, device=resolve_device(device)))},
+              resources, storage_path=_storage(cfg), experiment_name=f"{cfg.name}-{run.run_id}-diffusion", echo=say)
+
+
+def _diffence_variants(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, run: AuditRun,
+                       timings: dict[str, float], say: Callable[[str], None], builders: dict) -> list[TargetReport]:
+    """Audit every target again through DIFFENCE: diffusion model, calibration, every model's outputs, attacks."""
+    with _ray(cfg, timings, say, "DIFFENCE outputs") as (cluster, resources):
+        with _phase(timings, "diffence"):
+            _ensure_diffusion_on_ray(plan, cache, cfg, resources, run, say)
+            unet = ensure_diffusion_model(plan, cache)
+            intervals = {t.name: calibrate(plan, jobs_for_target(plan, t)[0], unet, cache, builders=builders)
+                         for t in cfg.targets}
+            groups = group_jobs(plan.jobs, slots=trial_slots(cluster, resources), models_per_trial=None)
+            device = cfg.compute.device
+            tasks = {f"{g[0].target.name}#{i}": _timed(lambda g=g: produce_diffence_signals(
+                g, plan, unet, intervals[g[0].target.name], cache, device=resolve_device(device), builders=builders))
+                for i, g in enumerate(groups)}
+            run_tasks(tasks, resources, storage_path=_storage(cfg), experiment_name=f"{cfg.name}-{run.run_id}-diffence",
+                      echo=say)
+    with _phase(timings, "attacks"):
+        return [diffence_report(plan, t, intervals[t.name], cache) for t in cfg.targets]
 
 
 def _storage(cfg: AuditConfig) -> str:
@@ -239,14 +284,22 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] | None = None) ->
                         "cache": cache.uri, **{f"split.n_{role}": n for role, n in plan.split.sizes().items()}})
         failed: list[tuple[str, str]] = []
         finals: list[dict] = []
+        builders = plugin_builders(plan)
         if cfg.sweep is None:
             reports, totals = _produce_targets(plan, cache, cfg, run, timings, say)
+            if cfg.diffence is not None:
+                reports += _diffence_variants(plan, cache, cfg, run, timings, say, builders)
         else:
             with _ray(cfg, timings, say, "one Tune trial per configuration") as (cluster, resources):
+                if cfg.diffence is not None:
+                    _ensure_diffusion_on_ray(plan, cache, cfg, resources, run, say)
                 with _phase(timings, "training"):
                     reports, finals, failed = run_sweep(plan, cache, resources, storage_path=_storage(cfg),
                                                         experiment_name=f"{cfg.name}-{run.run_id}", echo=say)
             totals = {"trained": -1, "reused": -1}
+        if cfg.diffence is not None:
+            run.log_files(diffusion_artifacts(ensure_diffusion_model(plan, cache)))
+            run.log_params(flat_params("diffence", cfg.diffence.model_dump(mode="json", exclude={"train", "model"})))
         child_ids: dict[str, str] = {}
         with _phase(timings, "tracking"):
             for report in reports:

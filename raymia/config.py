@@ -24,6 +24,9 @@ from raymia.data.queries import LabelOnlyConfig
 from raymia.data.datasets import check_dataset_name
 from raymia.data.splits import ROLES
 from raymia.defenses import DefenseConfig, NoDefenseConfig
+from raymia.defenses.diffence import DiffenceConfig
+from raymia.diffusion.model import DiffusionSpec
+from raymia.diffusion.train import DiffusionRecipe
 from raymia.errors import UserError
 from raymia.models.classifiers import ModelSpec
 from raymia.sweep import SweepConfig
@@ -57,6 +60,7 @@ class SplitConfig(_Strict):
     population: float = Field(0.35, gt=0, lt=1)
     calibration: float = Field(0.05, ge=0, lt=1)
     test: float = Field(0.10, gt=0, lt=1)
+    calibration_members: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _sums_to_at_most_one(self) -> "SplitConfig":
@@ -210,6 +214,23 @@ class ChampionConfig(_Strict):
         return self
 
 
+class DiffenceAuditConfig(DiffenceConfig):
+    """DIFFENCE in an audit: every configuration is audited without and with it (``<name>+diffence``).
+
+    The diffusion model (``model``, trained with ``train``) learns from the target's training data
+    (``train_data: members``, the paper's default) or from the population split (``population``: public
+    data). Scenarios 1 and 2 calibrate on the defender's known members (``split.calibration_members``) and known
+    non-members (``split.calibration``). The attacker is adaptive: reference models are queried through the same
+    DIFFENCE (same diffusion model, knobs and interval). ``eval_population`` population samples are queried
+    through it for RMIA.
+    """
+
+    model: DiffusionSpec = DiffusionSpec()
+    train: DiffusionRecipe = DiffusionRecipe()
+    train_data: Literal["members", "population"] = "members"
+    eval_population: int = Field(200, ge=1)
+
+
 class AuditConfig(_Strict):
     """A whole privacy audit: data, split, target configurations (or a defense sweep), reference models, attacks,
     frontier and champion rule, compute, tracking."""
@@ -222,6 +243,7 @@ class AuditConfig(_Strict):
     sweep: SweepConfig | None = None
     frontier: FrontierConfig = FrontierConfig()
     champion: ChampionConfig | None = None
+    diffence: DiffenceAuditConfig | None = None
     reference: ReferenceConfig = ReferenceConfig()
     attacks: AttackConfig = AttackConfig()
     compute: ComputeConfig = ComputeConfig()
@@ -243,6 +265,18 @@ class AuditConfig(_Strict):
     def _targets_or_sweep(self) -> "AuditConfig":
         if bool(self.targets) == (self.sweep is not None):
             raise ValueError("give either targets (a list of configurations to audit) or sweep (a defense sweep)")
+        return self
+
+    @model_validator(mode="after")
+    def _diffence_needs_known_samples(self) -> "AuditConfig":
+        d = self.diffence
+        if d is not None and d.n > 0 and d.scenario in (1, 2) and self.split.calibration_members == 0:
+            raise ValueError(f"diffence scenario {d.scenario} calibrates on known members: set "
+                             "split.calibration_members > 0 (e.g. 0.05), or use diffence.scenario: 3")
+        if d is not None and d.n > 0 and d.scenario == 1 and self.split.calibration == 0:
+            raise ValueError("diffence scenario 1 calibrates on known non-members: set split.calibration > 0")
+        if d is not None and self.sweep is not None and self.sweep.objective == "utility":
+            raise ValueError("diffence does not change accuracy; drop it from a utility-only sweep")
         return self
 
 

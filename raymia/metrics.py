@@ -57,6 +57,23 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == labels)) if len(labels) else float("nan")
 
 
+def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE of the released confidence vectors: sum over equal-width confidence bins of
+    (bin share) * |accuracy - mean confidence|, with confidence = max softmax probability."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    conf, pred = p.max(axis=1), p.argmax(axis=1)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += m.mean() * abs((pred[m] == labels[m]).mean() - conf[m].mean())
+    return float(ece)
+
+
 @dataclass(frozen=True)
 class AttackMetrics:
     """Threshold-free summary of one attack's scores on the audited members and non-members.

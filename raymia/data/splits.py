@@ -5,8 +5,10 @@ Roles (pairwise disjoint):
 - ``target_members``     the target model's training set (the audited IN samples);
 - ``target_nonmembers``  audited OUT samples, never trained on by the target;
 - ``population``         the attacker's pool for shadow / reference models;
-- ``calibration``        held by the defender (e.g. to calibrate inference-time defenses), never audited;
-- ``test``               utility evaluation only.
+- ``calibration``        held by the defender, never trained on, never audited (validation, known non-members);
+- ``test``               utility evaluation only;
+- ``calibration_members`` trained on by every target but never audited: the defender's known members (DIFFENCE
+  calibrates on them); empty unless configured.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROLES: tuple[str, ...] = ("target_members", "target_nonmembers", "population", "calibration", "test")
+ROLES: tuple[str, ...] = ("target_members", "target_nonmembers", "population", "calibration", "test",
+                          "calibration_members")
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,7 +98,7 @@ def make_split_plan(n: int, fractions: dict[str, float], *, seed: int, data_fing
     Sizes are ``floor(fraction * n)``; samples left over are unused. The permutation comes from
     ``numpy.random.default_rng(seed)``, so the same ``(n, fractions, seed)`` always gives the same plan.
     """
-    sizes = {r: int(np.floor(fractions[r] * n)) for r in ROLES}
+    sizes = {r: int(np.floor(fractions.get(r, 0.0) * n)) for r in ROLES}
     if sum(sizes.values()) > n:
         raise ValueError(f"split sizes {sizes} exceed the {n} samples available")
     perm = np.random.default_rng(seed).permutation(n)

@@ -146,3 +146,32 @@ def produce_on_ray(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache,
         for k in ("trained", "vmapped", "reused"):
             totals[k] += int(result.metrics[k])
     return totals
+
+
+def _task_trial(config: dict[str, Any], *, tasks: dict[str, Callable[[], dict[str, Any]]]) -> None:
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    tune.report({"task": config["task"], **tasks[config["task"]]()})
+
+
+def run_tasks(tasks: dict[str, Callable[[], dict[str, Any]]], resources: dict[str, float], *, storage_path: str,
+              experiment_name: str, echo: Callable[[str], None] = _stderr) -> dict[str, dict[str, Any]]:
+    """Run independent closures as Tune trials (one each, FIFO) and return each one's reported metrics.
+
+    Each closure computes something and stores it in the shared cache; it returns a small dict of numbers.
+    """
+    class Done(tune.Callback):
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            echo(f"  done: {result['task']}  {result.get('seconds', float('nan')):.1f} s")
+
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_task_trial, tasks=tasks), resources),
+        param_space={"task": tune.grid_search(list(tasks))},
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(name=experiment_name, storage_path=storage_path, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=1), callbacks=[Done()]),
+    )
+    grid = tuner.fit()
+    if grid.errors:
+        raise TrainingFailed(f"{len(grid.errors)} of {len(tasks)} tasks failed; first error:\n{grid.errors[0]}")
+    return {r.metrics["task"]: r.metrics for r in grid}

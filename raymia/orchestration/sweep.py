@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from raymia.models.classifiers import build_model
 from raymia.orchestration.fanout import TrainingFailed, plugin_builders
 from raymia.pipeline.audit import (AuditPlan, TargetReport, assemble_pool, check_target, evaluate_pool,
                                    jobs_for_target, load_signals)
+from raymia.pipeline.diffence_audit import calibrate, diffence_report, ensure_diffusion_model, produce_diffence_signals
 from raymia.pipeline.factory import produce_signals
 from raymia.sweep import is_dimension, is_sampled, resolve_representative, variant_label
 from raymia.training.device import resolve_device
@@ -77,12 +79,20 @@ def _audit_trial(config: dict[str, Any], *, plan: AuditPlan, cache: ModelCache, 
     signals, missing = load_signals(dataclasses.replace(plan, jobs=jobs), cache)
     if missing:
         raise TrainingFailed(f"no outputs in the cache for {missing[0].job_id}")
-    report = evaluate_pool(cfg, target, assemble_pool(dataclasses.replace(plan, jobs=jobs), target, signals))
-    best = report.best_attack()
+    reports = [evaluate_pool(cfg, target, assemble_pool(dataclasses.replace(plan, jobs=jobs), target, signals))]
+    if cfg.diffence is not None:  # the same configuration deployed behind DIFFENCE, attacked adaptively
+        device = resolve_device(cfg.compute.device)
+        unet = ensure_diffusion_model(plan, cache, device=device)
+        interval = calibrate(plan, jobs[0], unet, cache, device=device, builders=builders)
+        produce_diffence_signals(jobs, plan, unet, interval, cache, device=device, builders=builders)
+        reports.append(diffence_report(plan, target, interval, cache))
+    best = reports[0].best_attack()
     with tempfile.TemporaryDirectory() as d:
-        report.save(d)
-        tune.report({"target": target.name, "test_acc": report.test_acc, "gap": report.gap, "best_attack": best.name,
-                     "mia.best.auc": best.metrics.auc, "mia.best.tpr_at_0.1pct_fpr": best.metrics.tpr_at_fpr["0.1pct"]},
+        for i, report in enumerate(reports):
+            report.save(f"{d}/{i}")
+        tune.report({"target": target.name, "test_acc": reports[0].test_acc, "gap": reports[0].gap,
+                     "best_attack": best.name, "mia.best.auc": best.metrics.auc,
+                     "mia.best.tpr_at_0.1pct_fpr": best.metrics.tpr_at_fpr["0.1pct"]},
                     checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -158,7 +168,7 @@ def run_sweep(plan: AuditPlan, cache: ModelCache, resources: dict[str, float], *
         finals.append({**result.metrics, "target": label, "defense": result.config["defense"]})
         if sweep.objective == "audit":
             with result.checkpoint.as_directory() as d:
-                reports.append(TargetReport.load(d))
+                reports += [TargetReport.load(sub) for sub in sorted(Path(d).iterdir())]
     if not finals:
         raise TrainingFailed(f"all {len(failed)} sweep trials failed; first error:\n{failed[0][1]}")
     return reports, finals, failed

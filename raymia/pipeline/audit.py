@@ -23,7 +23,7 @@ from raymia.data.datasets import Dataset
 from raymia.data.queries import is_image, views_fingerprint
 from raymia.data.splits import ROLES, SplitPlan, make_split_plan, reference_keep_mask
 from raymia.errors import UserError
-from raymia.metrics import AttackMetrics, accuracy
+from raymia.metrics import AttackMetrics, accuracy, expected_calibration_error
 from raymia.defenses import make_defense
 from raymia.models.classifiers import build_model, check_model
 from raymia.pipeline.factory import produce_signals
@@ -94,10 +94,12 @@ def plan_audit(cfg: AuditConfig, dataset: Dataset) -> AuditPlan:
 
 
 def jobs_for_target(plan: AuditPlan, target: TargetConfig) -> list[TrainJob]:
-    """The target's job (trained on the members) and one job per reference model (its keep-mask row)."""
+    """The target's job (trained on the members and the defender's known members) and one job per reference model
+    (its keep-mask row)."""
     cfg, split, fp = plan.config, plan.split, plan.split.data_fingerprint
     rows = DefenseRows(split["calibration"], split["population"])
-    jobs = [TrainJob(f"{target.name}/target", target, "target", 0, split["target_members"],
+    members = np.union1d(split["target_members"], split["calibration_members"])  # known members are trained on too
+    jobs = [TrainJob(f"{target.name}/target", target, "target", 0, members,
                      derive_seed(cfg.seed, target.name, "target"), fp, rows)]
     for k in range(cfg.reference.count):
         jobs.append(TrainJob(f"{target.name}/ref-{k:03d}", target, "reference", k, plan.pool[plan.keep[k]],
@@ -155,6 +157,7 @@ class TargetReport:
     reference_test_acc: float
     pool: PoolSignals
     extra: dict[str, float] = field(default_factory=dict)
+    inference: dict | None = None  # the inference-time defense the outputs went through (e.g. DIFFENCE knobs)
 
     @property
     def gap(self) -> float:
@@ -172,7 +175,7 @@ class TargetReport:
         self.scores.to_parquet(folder / "scores.parquet", index=False)
         (folder / "report.json").write_text(json.dumps({
             "target": self.target.model_dump(mode="json"), "train_acc": self.train_acc, "test_acc": self.test_acc,
-            "reference_test_acc": self.reference_test_acc, "extra": self.extra,
+            "reference_test_acc": self.reference_test_acc, "extra": self.extra, "inference": self.inference,
             "bal_acc_shadow": {n: a.bal_acc_shadow for n, a in self.attacks.items()},
         }))
 
@@ -189,10 +192,11 @@ class TargetReport:
         return cls(target=TargetConfig.model_validate(meta["target"]), train_acc=meta["train_acc"],
                    test_acc=meta["test_acc"], attacks=attacks, scores=scores,
                    reference_test_acc=meta["reference_test_acc"], pool=PoolSignals.from_parquet(folder / "pool.parquet"),
-                   extra=meta["extra"])
+                   extra=meta["extra"], inference=meta.get("inference"))
 
 
-def evaluate_pool(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals) -> TargetReport:
+def evaluate_pool(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals, *, inference: dict | None = None
+                  ) -> TargetReport:
     """Every enabled attack against the target in ``pool`` (and, if configured, leave-one-out targets)."""
     knobs = cfg.attacks.knobs()
     inputs = separate_target_inputs(pool, knobs.rmia)
@@ -203,6 +207,7 @@ def evaluate_pool(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals) -> 
     test = pool.role_mask("test")
     ref_acc = [accuracy(pool.logits[r, test, 0], pool.labels[test]) for r in pool.reference_rows]
     extra: dict[str, float] = {f"defense.{k}": v for k, v in pool.target_extra.items()}
+    extra["ece"] = expected_calibration_error(pool.logits[t, test, 0], pool.labels[test])
     n_loo = min(cfg.attacks.loo_targets, len(pool.reference_rows))
     for k in range(n_loo):
         for name, r in run_attacks(cfg.attacks.enabled, leave_one_out_inputs(pool, k, knobs.rmia), knobs).items():
@@ -219,4 +224,5 @@ def evaluate_pool(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals) -> 
     scores = pd.DataFrame({"index": pool.indices[audited], "label": inputs.labels, "is_member": inputs.is_member,
                            **columns})
     return TargetReport(target=target, train_acc=acc["target_members"], test_acc=acc["test"], attacks=attacks,
-                        scores=scores, reference_test_acc=float(np.mean(ref_acc)), pool=pool, extra=extra)
+                        scores=scores, reference_test_acc=float(np.mean(ref_acc)), pool=pool, extra=extra,
+                        inference=inference)

@@ -86,6 +86,18 @@ def train_models(jobs: Sequence[TrainJob], dataset: Dataset, *, strategy: Strate
     return models, vmapped, extras
 
 
+def load_trained(job: TrainJob, dataset: Dataset, cache: ModelCache,
+                 builders: Mapping[str, Callable[..., nn.Module]] | None = None) -> tuple[nn.Module, dict] | None:
+    """The job's trained classifier (eval mode) and its training extras from the cache, or ``None``."""
+    cached = cache.load_model(job.key)
+    if cached is None:
+        return None
+    spec = make_defense(job.target.defense).model_spec(job.target.model)
+    model = build_model(spec, dataset.input_shape, dataset.num_classes, builder=(builders or {}).get(spec.arch))
+    model.load_state_dict(cached[0])
+    return model.eval(), cached[1]
+
+
 def produce_signals(jobs: Sequence[TrainJob], dataset: Dataset, scored: np.ndarray, cache: ModelCache, *,
                     query_views: list[str], label_only: LabelOnlyConfig, views_id: str, reuse: bool = True,
                     strategy: Strategy = "auto", device: torch.device | str = "cpu",
@@ -107,15 +119,11 @@ def produce_signals(jobs: Sequence[TrainJob], dataset: Dataset, scored: np.ndarr
     extras: dict[str, dict[str, float]] = {}
     to_train: list[TrainJob] = []
     for job in need_outputs:
-        cached = cache.load_model(job.key) if reuse else None
-        if cached is None:
+        loaded = load_trained(job, dataset, cache, builders) if reuse else None
+        if loaded is None:
             to_train.append(job)
             continue
-        state, extras[job.job_id] = cached
-        spec = make_defense(job.target.defense).model_spec(job.target.model)
-        model = build_model(spec, dataset.input_shape, dataset.num_classes, builder=builders.get(spec.arch))
-        model.load_state_dict(state)
-        models[job.job_id] = model
+        models[job.job_id], extras[job.job_id] = loaded
         stats.reused_models += 1
     trained, stats.vmapped, trained_extras = train_models(to_train, dataset, strategy=strategy, device=device,
                                                           builders=builders)
