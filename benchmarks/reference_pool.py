@@ -12,7 +12,6 @@ plain loop, with Tune's defaults (a new trial process per model, as a plain ``tu
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 

@@ -29,7 +29,6 @@ from raymia.orchestration.cluster import connect_ray, release_ray, trial_resourc
 from raymia.orchestration.fanout import group_jobs, plugin_builders, produce_on_ray, run_tasks, trial_slots
 from raymia.pipeline.diffence_audit import (calibrate, diffence_report, diffusion_artifacts, diffusion_job,
                                             ensure_diffusion_model, produce_diffence_signals)
-from raymia.pipeline.jobs import TrainJob
 from raymia.training.device import resolve_device
 from raymia.frontier import Point, choose_champion, leakage_of, pareto_front
 from raymia.orchestration.sweep import check_sweep, run_sweep

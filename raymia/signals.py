@@ -7,18 +7,17 @@ lets any attack be re-scored later without retraining (``raymia rescore``).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 from raymia.data.queries import QUERY_VIEWS, LabelOnlyConfig
+from raymia.parquet_io import read_table, write_table
 from raymia.training.loop import predict_logits
 
 
@@ -85,8 +84,6 @@ class PoolSignals:
 
     def to_parquet(self, path: str | Path) -> Path:
         """One row per (model, sample); written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         m, n, a, c = self.logits.shape
         v = self.label_only.shape[2]
         table = pa.table({
@@ -97,17 +94,13 @@ class PoolSignals:
             "keep": self.keep.reshape(-1),
             "logits": pa.FixedSizeListArray.from_arrays(pa.array(self.logits.reshape(-1), pa.float32()), a * c),
             "label_only": pa.FixedSizeListArray.from_arrays(pa.array(self.label_only.reshape(-1), pa.int16()), v),
-        }).replace_schema_metadata({"raymia.query_views": ",".join(self.query_views), "raymia.num_classes": str(c),
-                                    "raymia.target_extra": json.dumps(self.target_extra)})
-        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-        return path
+        })
+        return write_table(table, path, {"raymia.query_views": ",".join(self.query_views), "raymia.num_classes": str(c),
+                                         "raymia.target_extra": json.dumps(self.target_extra)})
 
     @classmethod
     def from_parquet(cls, path: str | Path) -> "PoolSignals":
-        table = pq.read_table(path)
-        meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+        table, meta = read_table(path)
         views = tuple(meta["raymia.query_views"].split(","))
         c = int(meta["raymia.num_classes"])
         model = np.asarray(table.column("model").to_pylist())

@@ -1,6 +1,5 @@
 """Tiny audits through a real local Ray (Tune trials) into a real MLflow SQLite store."""
 
-import io
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,6 @@ from mlflow.tracking import MlflowClient
 from raymia.attacks import ATTACK_NAMES
 from raymia.audit import rescore_run, run_audit
 from raymia.config import parse_config
-from raymia.data.datasets import load_dataset
 from raymia.data.splits import SplitPlan
 from raymia.pipeline.audit import plan_audit
 from raymia.signals import PoolSignals

@@ -14,13 +14,13 @@ Roles (pairwise disjoint):
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from raymia.parquet_io import read_table, write_table
 
 ROLES: tuple[str, ...] = ("target_members", "target_nonmembers", "population", "calibration", "test",
                           "calibration_members")
@@ -64,26 +64,16 @@ class SplitPlan:
 
     def to_parquet(self, path: str | Path) -> Path:
         """Write ``(index, role)`` rows to Parquet atomically; the hash, seed and fingerprint go in metadata."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         index = np.concatenate([self.indices[r] for r in ROLES]).astype(np.int64)
         role = np.concatenate([np.full(len(self.indices[r]), r) for r in ROLES])
         table = pa.table({"index": index, "role": pa.array(role).dictionary_encode()})
-        table = table.replace_schema_metadata({
-            "raymia.split_hash": self.content_hash(),
-            "raymia.seed": str(self.seed),
-            "raymia.data_fingerprint": self.data_fingerprint,
-        })
-        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-        return path
+        return write_table(table, path, {"raymia.split_hash": self.content_hash(), "raymia.seed": str(self.seed),
+                                         "raymia.data_fingerprint": self.data_fingerprint})
 
     @classmethod
     def from_parquet(cls, path: str | Path) -> "SplitPlan":
         """Read a plan written by :meth:`to_parquet`; raises ``ValueError`` if its recorded hash does not match."""
-        table = pq.read_table(path)
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        table, meta = read_table(path)
         index = table.column("index").to_numpy()
         role = np.asarray(table.column("role").to_pylist())
         plan = cls({r: index[role == r] for r in ROLES}, int(meta["raymia.seed"]), meta["raymia.data_fingerprint"])

@@ -22,7 +22,6 @@ from torch import nn
 
 from raymia.attacks.nn import AttackNet, membership_features
 from raymia.defenses.base import Defense, DefenseContext
-from raymia.errors import UserError
 from raymia.training.loop import TrainingPolicy, TrainRecipe
 
 
@@ -89,9 +88,6 @@ class AdvReg(Defense):
     uses_context_rows = True
 
     def policy(self, ctx: DefenseContext, recipe: TrainRecipe, n_train: int, seed: int) -> TrainingPolicy:
-        if len(ctx.reference) == 0:
-            raise UserError("adversarial regularisation needs reference (non-member) samples from the population "
-                            "split; set split.population > 0", field="split.population")
-        rows = ctx.reference
+        rows = ctx.required("reference", "adversarial regularisation (its non-member reference set)")
         return AdvRegPolicy(self.config, ctx.dataset.x[rows], ctx.dataset.y[rows], ctx.dataset.num_classes,
                             seed=seed)

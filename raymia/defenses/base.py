@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from raymia.data.datasets import Dataset
+from raymia.errors import UserError
 from raymia.models.classifiers import ModelSpec
 from raymia.training.ensemble import train_many
 from raymia.training.loop import TrainingPolicy, TrainRecipe
@@ -37,6 +38,15 @@ class DefenseContext:
     calibration: np.ndarray
     reference: np.ndarray
     device: torch.device | str = "cpu"
+
+    def required(self, kind: str, who: str) -> np.ndarray:
+        """The ``calibration`` or ``reference`` rows, or a :class:`UserError` naming the split to enlarge."""
+        rows = getattr(self, kind)
+        split = {"calibration": "calibration", "reference": "population"}[kind]
+        if len(rows) == 0:
+            raise UserError(f"{who} needs rows from the {split} split, which is empty; set split.{split} > 0",
+                            field=f"split.{split}")
+        return rows
 
 
 @dataclass

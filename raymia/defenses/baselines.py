@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from raymia.defenses.base import Defense, DefenseContext
-from raymia.errors import UserError
 from raymia.models.classifiers import ModelSpec
 from raymia.training.loop import TrainingPolicy, TrainRecipe, predict_logits
 
@@ -96,10 +95,7 @@ class EarlyStopping(Defense):
     uses_context_rows = True
 
     def policy(self, ctx: DefenseContext, recipe: TrainRecipe, n_train: int, seed: int) -> TrainingPolicy:
-        if len(ctx.calibration) == 0:
-            raise UserError("early stopping validates on the calibration split, which is empty; set "
-                            "split.calibration > 0", field="split.calibration")
-        rows = ctx.calibration
+        rows = ctx.required("calibration", "early stopping (its validation set)")
         return EarlyStoppingPolicy(self.config, ctx.dataset.x[rows], ctx.dataset.y[rows], ctx.device)
 
 

@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from raymia.defenses.base import Defense, DefenseContext, FitResult
-from raymia.errors import UserError
 from raymia.training.loop import TrainingPolicy, TrainRecipe, predict_logits, train_classifier
 
 
@@ -71,10 +70,7 @@ class DMP(Defense):
     def fit(self, build: Callable[[int], nn.Module], rows: np.ndarray, recipe: TrainRecipe, seed: int,
             ctx: DefenseContext) -> FitResult:
         cfg = self.config
-        ref = np.asarray(ctx.reference)
-        if len(ref) == 0:
-            raise UserError("DMP distils on reference samples from the population split, which is empty; set "
-                            "split.population > 0", field="split.population")
+        ref = np.asarray(ctx.required("reference", "DMP (its unlabeled reference set)"))
         if np.intersect1d(ref, rows).size:
             raise AssertionError("DMP reference set overlaps the protected training rows")
         x, y = torch.from_numpy(ctx.dataset.x), torch.from_numpy(ctx.dataset.y)

@@ -21,7 +21,7 @@ from torch import nn
 
 import raymia
 from raymia.cache import ModelCache, content_key
-from raymia.config import AuditConfig, TargetConfig
+from raymia.config import TargetConfig
 from raymia.data.queries import QUERY_VIEWS
 from raymia.defenses.diffence import Diffence, DiffenceConfig
 from raymia.diffusion.model import build_unet, make_scheduler
