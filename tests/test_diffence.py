@@ -133,3 +133,11 @@ def test_scenario_interval_search(system, digits):
     kept = (cm.argmax(-1) == cm[:, -1:].argmax(-1))[:, :-1]
     phi = top1_log_odds(cm[:, :-1])[kept]
     assert (a2, b2) == (pytest.approx(phi.min()), pytest.approx(phi.mean()))
+
+
+def test_per_query_seeds_make_outputs_independent_of_the_batch(system, digits):
+    d = _diffence(system, scenario=3)
+    x = digits.x[:6]
+    together = d(x, seeds=[10, 11, 12, 13, 14, 15])
+    alone = np.concatenate([d(x[i:i + 1], seeds=[10 + i]) for i in range(6)])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)

@@ -177,11 +177,18 @@ class Diffence:
         return torch.cat(outs).cpu()
 
     @torch.no_grad()
-    def regenerate(self, x01: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """``[B, N, C, H, W]`` regenerations in [0, 1] of ``x01 [B, C, H, W]``: all B·N through the UNet together."""
+    def regenerate(self, x01: torch.Tensor, gen: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+        """``[B, N, C, H, W]`` regenerations in [0, 1] of ``x01 [B, C, H, W]``: all B·N through the UNet together.
+
+        ``gen``: one generator for the batch, or one per query (then each query's noise is independent of what
+        else is in the batch).
+        """
         b, n = len(x01), self.config.n
         rep = to_model_range(x01).repeat_interleave(n, dim=0)  # [B*N, C, H, W]
-        noise = torch.randn(rep.shape, generator=gen)
+        if isinstance(gen, list):
+            noise = torch.cat([torch.randn((n, *x01.shape[1:]), generator=g) for g in gen])
+        else:
+            noise = torch.randn(rep.shape, generator=gen)
         out = []
         with self._autocast():
             for i in range(0, len(rep), self.config.chunk):
@@ -191,7 +198,7 @@ class Diffence:
                                                       self.config.ddim_steps)).float().cpu())
         return torch.cat(out).view(b, n, *x01.shape[1:])
 
-    def candidates(self, x01: torch.Tensor, gen: torch.Generator | None = None) -> np.ndarray:
+    def candidates(self, x01: torch.Tensor, gen: torch.Generator | list[torch.Generator] | None = None) -> np.ndarray:
         """Candidate logits ``[B, N+1, C]``: the N regenerations, then the original."""
         x01 = torch.as_tensor(x01, dtype=torch.float32)
         original = self._classify(x01)  # [B, C]
@@ -210,9 +217,15 @@ class Diffence:
                                         self.candidates(torch.from_numpy(nonmembers)), self.config)
         return self.interval
 
-    def __call__(self, x01: np.ndarray | torch.Tensor, *, seed: int | None = None) -> np.ndarray:
+    def __call__(self, x01: np.ndarray | torch.Tensor, *, seed: int | None = None,
+                 seeds: list[int] | None = None) -> np.ndarray:
         """Released logits ``[B, C]`` (softmax them for the released confidence vector). ``seed`` makes this
-        call's noise independent of earlier calls."""
+        call's noise independent of earlier calls; ``seeds`` (one per query) makes each query's output independent
+        of its batch, as a server that batches requests needs."""
+        if seeds is not None:
+            if self.config.n == 0:
+                return self.candidates(torch.as_tensor(x01, dtype=torch.float32))[:, 0]
+            return self._released(x01, seeds)
         gen = torch.Generator().manual_seed(seed) if seed is not None else self._gen
         if self.config.n > 0 and self.config.scenario != 3 and self.interval is None:
             raise RuntimeError("scenarios 1 and 2 need calibrate() (or an interval) before use")
@@ -221,4 +234,15 @@ class Diffence:
             return cand[:, 0]
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         idx = select(cand, None if self.config.scenario == 3 else self.interval, rng)
+        return cand[np.arange(len(cand)), idx]
+
+    def _released(self, x01: np.ndarray | torch.Tensor, seeds: list[int]) -> np.ndarray:
+        if self.config.scenario != 3 and self.interval is None:
+            raise RuntimeError("scenarios 1 and 2 need calibrate() (or an interval) before use")
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        cand = self.candidates(torch.as_tensor(x01, dtype=torch.float32), gens)
+        if self.config.scenario == 3:
+            idx = np.concatenate([select(cand[i:i + 1], None, np.random.default_rng(s)) for i, s in enumerate(seeds)])
+        else:
+            idx = select(cand, self.interval)
         return cand[np.arange(len(cand)), idx]

@@ -99,11 +99,14 @@ def jobs_for_target(plan: AuditPlan, target: TargetConfig) -> list[TrainJob]:
     cfg, split, fp = plan.config, plan.split, plan.split.data_fingerprint
     rows = DefenseRows(split["calibration"], split["population"])
     members = np.union1d(split["target_members"], split["calibration_members"])  # known members are trained on too
+    # seeds follow what is trained, not the configuration's name: a renamed configuration (e.g. "<name>+diffence")
+    # maps to the same models in the cache
+    recipe = json.dumps(target.model_dump(mode="json", exclude={"name"}), sort_keys=True)
     jobs = [TrainJob(f"{target.name}/target", target, "target", 0, members,
-                     derive_seed(cfg.seed, target.name, "target"), fp, rows)]
+                     derive_seed(cfg.seed, recipe, "target"), fp, rows)]
     for k in range(cfg.reference.count):
         jobs.append(TrainJob(f"{target.name}/ref-{k:03d}", target, "reference", k, plan.pool[plan.keep[k]],
-                             derive_seed(cfg.seed, target.name, "reference", k), fp, rows))
+                             derive_seed(cfg.seed, recipe, "reference", k), fp, rows))
     return jobs
 
 
