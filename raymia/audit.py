@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from torch import nn
 
 import raymia
 from raymia.cache import ModelCache
@@ -27,8 +28,8 @@ from raymia.defenses import make_defense
 from raymia.errors import UserError
 from raymia.orchestration.cluster import connect_ray, release_ray, trial_resources
 from raymia.orchestration.fanout import group_jobs, plugin_builders, produce_on_ray, run_tasks, trial_slots
-from raymia.pipeline.diffence_audit import (calibrate, diffence_report, diffusion_artifacts, diffusion_job,
-                                            ensure_diffusion_model, produce_diffence_signals)
+from raymia.pipeline.diffence_audit import (calibrate, diffence_report, diffusion_artifacts, ensure_diffusion_model,
+                                            load_diffusion_model, produce_diffence_signals)
 from raymia.training.device import resolve_device
 from raymia.frontier import Point, choose_champion, leakage_of, pareto_front
 from raymia.orchestration.sweep import check_sweep, run_sweep
@@ -177,23 +178,30 @@ def _timed(fn: Callable[[], object]) -> Callable[[], dict]:
 
 
 def _ensure_diffusion_on_ray(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, resources: dict, run: AuditRun,
-                             say: Callable[[str], None]) -> None:
-    """Train the audit's diffusion model as a Tune trial unless the cache has it."""
-    if cache.load_model(diffusion_job(plan).key) is not None:
-        return
+                             say: Callable[[str], None]) -> nn.Module:
+    """The audit's diffusion model: from the cache, or trained as a Tune trial (which stores it there) first."""
+    unet = load_diffusion_model(plan, cache)
+    if unet is not None:
+        return unet
     say(f"training the diffusion model ({cfg.diffence.train.steps} steps) for DIFFENCE")
     device = cfg.compute.device
     run_tasks({"diffusion-model": _timed(lambda: ensure_diffusion_model(plan, cache, device=resolve_device(device)))},
               resources, storage_path=_storage(cfg), experiment_name=f"{cfg.name}-{run.run_id}-diffusion", echo=say)
+    unet = load_diffusion_model(plan, cache)
+    if unet is None:
+        raise RuntimeError("the diffusion model is not in the cache after training; is cache.uri reachable from "
+                           "every Ray node?")
+    return unet
 
 
 def _diffence_variants(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, run: AuditRun,
-                       timings: dict[str, float], say: Callable[[str], None], builders: dict) -> list[TargetReport]:
-    """Audit every target again through DIFFENCE: diffusion model, calibration, every model's outputs, attacks."""
+                       timings: dict[str, float], say: Callable[[str], None], builders: dict
+                       ) -> tuple[list[TargetReport], nn.Module]:
+    """Audit every target again through DIFFENCE: diffusion model, calibration, every model's outputs, attacks.
+    Returns the reports and the diffusion model."""
     with _ray(cfg, timings, say, "DIFFENCE outputs") as (cluster, resources):
         with _phase(timings, "diffence"):
-            _ensure_diffusion_on_ray(plan, cache, cfg, resources, run, say)
-            unet = ensure_diffusion_model(plan, cache)
+            unet = _ensure_diffusion_on_ray(plan, cache, cfg, resources, run, say)
             intervals = {t.name: calibrate(plan, jobs_for_target(plan, t)[0], unet, cache, builders=builders)
                          for t in cfg.targets}
             groups = group_jobs(plan.jobs, slots=trial_slots(cluster, resources), models_per_trial=None)
@@ -204,7 +212,7 @@ def _diffence_variants(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, run
             run_tasks(tasks, resources, storage_path=_storage(cfg), experiment_name=f"{cfg.name}-{run.run_id}-diffence",
                       echo=say)
     with _phase(timings, "attacks"):
-        return [diffence_report(plan, t, intervals[t.name], cache) for t in cfg.targets]
+        return [diffence_report(plan, t, intervals[t.name], cache) for t in cfg.targets], unet
 
 
 def _storage(cfg: AuditConfig) -> str:
@@ -284,20 +292,22 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] | None = None) ->
         failed: list[tuple[str, str]] = []
         finals: list[dict] = []
         builders = plugin_builders(plan)
+        unet = None
         if cfg.sweep is None:
             reports, totals = _produce_targets(plan, cache, cfg, run, timings, say)
             if cfg.diffence is not None:
-                reports += _diffence_variants(plan, cache, cfg, run, timings, say, builders)
+                defended, unet = _diffence_variants(plan, cache, cfg, run, timings, say, builders)
+                reports += defended
         else:
             with _ray(cfg, timings, say, "one Tune trial per configuration") as (cluster, resources):
                 if cfg.diffence is not None:
-                    _ensure_diffusion_on_ray(plan, cache, cfg, resources, run, say)
+                    unet = _ensure_diffusion_on_ray(plan, cache, cfg, resources, run, say)
                 with _phase(timings, "training"):
                     reports, finals, failed = run_sweep(plan, cache, resources, storage_path=_storage(cfg),
                                                         experiment_name=f"{cfg.name}-{run.run_id}", echo=say)
             totals = {"trained": -1, "reused": -1}
-        if cfg.diffence is not None:
-            run.log_files(diffusion_artifacts(ensure_diffusion_model(plan, cache)))
+        if unet is not None:
+            run.log_files(diffusion_artifacts(unet))
             run.log_params(flat_params("diffence", cfg.diffence.model_dump(mode="json", exclude={"train", "model"})))
         child_ids: dict[str, str] = {}
         with _phase(timings, "tracking"):

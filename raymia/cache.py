@@ -110,9 +110,6 @@ class ModelCache:
             return None
 
     # ------------------------------------------------------------------------------------------ outputs
-    def has_signals(self, key: str, views: str) -> bool:
-        return self._exists(self._path("signals", f"{key}-{views}", ".npz"))
-
     def save_signals(self, key: str, views: str, signals: ModelSignals) -> None:
         buf = io.BytesIO()
         np.savez(buf, logits=signals.logits, label_only=signals.label_only, extra=np.array(json.dumps(signals.extra)))

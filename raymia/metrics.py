@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import softmax
 from sklearn.metrics import roc_auc_score, roc_curve
 
 #: FPR levels reported for every attack, and their metric-name suffixes.
@@ -60,9 +61,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """ECE of the released confidence vectors: sum over equal-width confidence bins of
     (bin share) * |accuracy - mean confidence|, with confidence = max softmax probability."""
-    z = logits.astype(np.float64)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    p = softmax(logits.astype(np.float64), axis=1)
     conf, pred = p.max(axis=1), p.argmax(axis=1)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)

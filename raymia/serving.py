@@ -42,6 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from scipy.special import softmax
 
 from raymia.defenses.diffence import Diffence, DiffenceConfig
 from raymia.diffusion.model import DiffusionSpec, make_scheduler
@@ -277,9 +278,7 @@ class DefendedClassifier:
             logits, batch = await self._batched(x)
         else:
             logits, batch = self._run(x), len(x)
-        z = logits.astype(np.float64)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
+        p = softmax(logits.astype(np.float64), axis=1)
         return JSONResponse({
             "model_version": self.bundle.version,
             "batch_size": int(batch),

@@ -56,15 +56,23 @@ def diffusion_job(plan: AuditPlan) -> DiffusionJob:
     return DiffusionJob(rows, seed, key)
 
 
+def load_diffusion_model(plan: AuditPlan, cache: ModelCache) -> nn.Module | None:
+    """The audit's diffusion model from the cache (eval mode), or ``None`` if it was not trained yet."""
+    cached = cache.load_model(diffusion_job(plan).key)
+    if cached is None:
+        return None
+    unet = build_unet(plan.config.diffence.model, plan.dataset.input_shape)
+    unet.load_state_dict(cached[0])
+    return unet.eval()
+
+
 def ensure_diffusion_model(plan: AuditPlan, cache: ModelCache, *, device: torch.device | str = "cpu") -> nn.Module:
     """Load the audit's diffusion model from the cache, or train it (EMA) and store it."""
+    unet = load_diffusion_model(plan, cache)
+    if unet is not None:
+        return unet
     job = diffusion_job(plan)
     d = plan.config.diffence
-    unet = build_unet(d.model, plan.dataset.input_shape)
-    cached = cache.load_model(job.key)
-    if cached is not None:
-        unet.load_state_dict(cached[0])
-        return unet.eval()
     unet = build_unet(d.model, plan.dataset.input_shape, seed=job.seed)
     ema = train_diffusion(unet, make_scheduler(d.model), torch.from_numpy(plan.dataset.x[job.rows]), d.train,
                           seed=job.seed, device=device)
