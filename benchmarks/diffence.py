@@ -5,8 +5,9 @@
 For each N (candidates per query) and batch size B it times the full defended call — B·N regenerations through
 the UNet in one batched call (chunked), B·(N+1) classifier passes, selection — after a warm-up, and prints
 milliseconds per sample, the overhead over undefended inference, and the floor: FLOPs counted with
-torch.utils.flop_counter (UNet + classifier) divided by this machine's dense fp32 matmul rate, measured in the
-same run. ``floor / time`` is the achieved fraction of the floor (1.0 = as fast as the matmul roofline).
+torch.utils.flop_counter (UNet + classifier) divided by this machine's dense matmul rate, measured in the
+same run in the same precision (TF32 for fp32 on a GPU). ``floor / time`` is the achieved fraction of the floor
+(1.0 = as fast as the matmul roofline).
 Weights are random: cost does not depend on them.
 """
 
@@ -17,19 +18,20 @@ import time
 
 
 
-def matmul_rate(device, seconds: float = 1.0) -> float:
-    """Dense fp32 matmul FLOP/s on ``device`` (2048 x 2048 products)."""
+def matmul_rate(device, dtype, seconds: float = 1.0) -> float:
+    """Dense matmul FLOP/s on ``device`` in ``dtype`` (2048² products on a CPU, 8192² on a GPU)."""
     import torch
 
-    a = torch.randn(2048, 2048, device=device)
-    b = torch.randn(2048, 2048, device=device)
+    size = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     (a @ b).sum().item()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         c = a @ b
         n += 1
     c.sum().item()
-    return n * 2 * 2048 ** 3 / (time.perf_counter() - start)
+    return n * 2 * size ** 3 / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -39,6 +41,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--chunk", default="auto", help="images per UNet call (auto: 512 on a CPU, 4096 on a GPU)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     import numpy as np
@@ -68,15 +71,19 @@ def main() -> None:
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         clf(torch.zeros(1, *shape))
     clf_flops = fc.get_total_flops()
-    rate = matmul_rate(device)
+    if device.type == "cuda":  # fp32 on a GPU means TF32 tensor cores, for matmuls as cuDNN already does for convs
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rate = matmul_rate(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     print(f"machine: {describe_machine()}")
     print(f"UNet ({args.preset}): {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
           f"{unet_flops / 1e6:.1f} MFLOP per image-step; classifier {clf_spec.arch}: {clf_flops / 1e6:.2f} MFLOP; "
-          f"dense fp32 matmul: {rate / 1e9:.1f} GFLOP/s; precision {args.precision}, compile {args.compile}")
+          f"dense {args.precision} matmul: {rate / 1e9:.1f} GFLOP/s; precision {args.precision}, compile {args.compile}")
     print(f"{'N':>3} {'batch':>5} {'ms/sample':>10} {'undefended':>11} {'overhead':>9} {'floor ms':>9} {'floor/time':>10}")
     rng = np.random.default_rng(0)
     for n in args.ns:
-        d = Diffence(clf, unet, abar, DiffenceConfig(n=n, scenario=3, precision=args.precision, compile=args.compile),
+        d = Diffence(clf, unet, abar, DiffenceConfig(
+            n=n, scenario=3, precision=args.precision, compile=args.compile,
+            chunk=args.chunk if args.chunk == "auto" else int(args.chunk)),
                      device=device)
         for b in args.batches:
             x = rng.random((b, *shape), dtype=np.float32)

@@ -124,6 +124,13 @@ def test_fixed_seed_gives_identical_output_and_seeds_differ(system, digits):
     assert not np.array_equal(a, _diffence(system)(x, seed=4))
 
 
+def test_chunking_does_not_change_the_output(system, digits):
+    """The noise is drawn for the whole batch before chunking, so the chunk size only bounds memory."""
+    x = digits.x[:20]
+    whole = _diffence(system, n=8)(x, seed=5)  # chunk auto (512 on a CPU): one UNet call of 160 images
+    np.testing.assert_allclose(_diffence(system, n=8, chunk=7)(x, seed=5), whole, rtol=1e-4, atol=1e-4)
+
+
 def test_scenario_interval_search(system, digits):
     d = _diffence(system, scenario=1, grid_points=6)
     cm, cn = d.candidates(torch.from_numpy(digits.x[:30])), d.candidates(torch.from_numpy(digits.x[30:60]))

@@ -47,9 +47,11 @@ class DiffenceConfig(BaseModel):
     noise_mode: Literal["paper", "reference"] = "paper"
     grid_points: int = Field(20, ge=2, description="scenario 1: steps of the [a, b] search grid")
     js_bins: int = Field(100, ge=10)
-    chunk: int = Field(4096, ge=1, description="most images per UNet / classifier call")
-    precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
+    chunk: int | Literal["auto"] = Field("auto", description="most images per UNet / classifier call "
+                                         "(auto: 512 on a CPU, where larger calls fall out of cache; 4096 on a GPU)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the UNet (auto: on a GPU only; on a "
+                                            "CPU it needs a C++ compiler and recompiles for new batch sizes)")
     seed: int = 0
 
 
@@ -158,55 +160,67 @@ class Diffence:
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
-        self.classifier.to(self.device).eval()
-        self.unet.to(self.device).eval()
+        fast_layout = self.device.type == "cuda"  # cuDNN's tensor-core convolutions want NHWC
+        fmt = torch.channels_last if fast_layout else torch.contiguous_format
+        self.classifier.to(self.device, memory_format=fmt).eval()
+        self.unet.to(self.device, memory_format=fmt).eval()
         self.abar = self.abar.to(self.device, torch.float32)
-        self._unet_fn = torch.compile(self.unet) if self.config.compile else self.unet
+        gpu = self.device.type == "cuda"
+        self._chunk = self.config.chunk if self.config.chunk != "auto" else (4096 if gpu else 512)
+        self._bf16 = self.config.precision == "bf16" or (self.config.precision == "auto" and gpu)
+        self._unet_fn = torch.compile(self.unet) if self.config.compile is True or (
+            self.config.compile == "auto" and gpu) else self.unet
         self._rng = np.random.default_rng(self.config.seed)
-        self._gen = torch.Generator().manual_seed(self.config.seed)
+        self._gen = self.generator(self.config.seed)
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A generator on this defense's device: noise is drawn where the UNet runs."""
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _autocast(self):
-        if self.config.precision == "bf16":
+        if self._bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
     @torch.no_grad()
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [self.classifier(x[i:i + self.config.chunk].to(self.device)).float() for i in range(0, len(x),
-                                                                                                   self.config.chunk)]
-        return torch.cat(outs).cpu()
+        """Logits ``[B, K]`` (fp32, on the device) of images ``[B, C, H, W]``, in chunks."""
+        with self._autocast():
+            outs = [self.classifier(x[i:i + self._chunk].to(self.device)).float() for i in range(0, len(x), self._chunk)]
+        return torch.cat(outs)
 
     @torch.no_grad()
     def regenerate(self, x01: torch.Tensor, gen: torch.Generator | list[torch.Generator]) -> torch.Tensor:
-        """``[B, N, C, H, W]`` regenerations in [0, 1] of ``x01 [B, C, H, W]``: all B·N through the UNet together.
+        """``[B, N, C, H, W]`` regenerations in [0, 1] (on the device) of ``x01 [B, C, H, W]``: all B·N through
+        the UNet together, in chunks.
 
         ``gen``: one generator for the batch, or one per query (then each query's noise is independent of what
         else is in the batch).
         """
         b, n = len(x01), self.config.n
-        rep = to_model_range(x01).repeat_interleave(n, dim=0)  # [B*N, C, H, W]
+        rep = to_model_range(x01.to(self.device)).repeat_interleave(n, dim=0)  # [B*N, C, H, W]
         if isinstance(gen, list):
-            noise = torch.cat([torch.randn((n, *x01.shape[1:]), generator=g) for g in gen])
+            noise = torch.cat([torch.randn((n, *x01.shape[1:]), generator=g, device=self.device) for g in gen])
         else:
-            noise = torch.randn(rep.shape, generator=gen)
+            noise = torch.randn(rep.shape, generator=gen, device=self.device)
         out = []
         with self._autocast():
-            for i in range(0, len(rep), self.config.chunk):
-                x_t = noised(rep[i:i + self.config.chunk].to(self.device), self.config.t_prime, self.abar,
-                             noise[i:i + self.config.chunk].to(self.device), self.config.noise_mode)
+            for i in range(0, len(rep), self._chunk):
+                x_t = noised(rep[i:i + self._chunk], self.config.t_prime, self.abar, noise[i:i + self._chunk],
+                             self.config.noise_mode)
                 out.append(to_data_range(ddim_denoise(self._unet_fn, x_t, self.config.t_prime, self.abar,
-                                                      self.config.ddim_steps)).float().cpu())
+                                                      self.config.ddim_steps)).float())
         return torch.cat(out).view(b, n, *x01.shape[1:])
 
     def candidates(self, x01: torch.Tensor, gen: torch.Generator | list[torch.Generator] | None = None) -> np.ndarray:
         """Candidate logits ``[B, N+1, C]``: the N regenerations, then the original."""
-        x01 = torch.as_tensor(x01, dtype=torch.float32)
+        x01 = torch.as_tensor(x01, dtype=torch.float32).to(self.device)
         original = self._classify(x01)  # [B, C]
         if self.config.n == 0:
-            return original[:, None].numpy()
+            return original[:, None].cpu().numpy()
         regen = self.regenerate(x01, gen or self._gen)
         logits = self._classify(regen.flatten(0, 1)).view(len(x01), self.config.n, -1)
-        return torch.cat([logits, original[:, None]], dim=1).numpy()
+        return torch.cat([logits, original[:, None]], dim=1).cpu().numpy()
 
     def calibrate(self, members: np.ndarray, nonmembers: np.ndarray) -> tuple[float, float] | None:
         """Set the scenario's interval from the defender's known members / non-members (images in [0, 1])."""
@@ -226,7 +240,7 @@ class Diffence:
             if self.config.n == 0:
                 return self.candidates(torch.as_tensor(x01, dtype=torch.float32))[:, 0]
             return self._released(x01, seeds)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else self._gen
+        gen = self.generator(seed) if seed is not None else self._gen
         if self.config.n > 0 and self.config.scenario != 3 and self.interval is None:
             raise RuntimeError("scenarios 1 and 2 need calibrate() (or an interval) before use")
         cand = self.candidates(torch.as_tensor(x01, dtype=torch.float32), gen)
@@ -239,7 +253,7 @@ class Diffence:
     def _released(self, x01: np.ndarray | torch.Tensor, seeds: list[int]) -> np.ndarray:
         if self.config.scenario != 3 and self.interval is None:
             raise RuntimeError("scenarios 1 and 2 need calibrate() (or an interval) before use")
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        gens = [self.generator(s) for s in seeds]
         cand = self.candidates(torch.as_tensor(x01, dtype=torch.float32), gens)
         if self.config.scenario == 3:
             idx = np.concatenate([select(cand[i:i + 1], None, np.random.default_rng(s)) for i, s in enumerate(seeds)])
