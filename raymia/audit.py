@@ -12,8 +12,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +20,12 @@ import ray
 from torch import nn
 
 import raymia
-from raymia.cache import ModelCache
+from raymia.cache import ModelCache, content_key
 from raymia.config import AuditConfig, FrontierConfig, TargetConfig, TrackingConfig, apply_overrides, parse_config
 from raymia.data.datasets import load_dataset
 from raymia.defenses import make_defense
 from raymia.errors import UserError
-from raymia.orchestration.cluster import connect_ray, release_ray, trial_resources
+from raymia.orchestration.session import phase, ray_session, storage_path
 from raymia.orchestration.fanout import group_jobs, plugin_builders, produce_on_ray, run_tasks, trial_slots
 from raymia.pipeline.diffence_audit import (calibrate, diffence_report, diffusion_artifacts, ensure_diffusion_model,
                                             load_diffusion_model, produce_diffence_signals)
@@ -89,15 +88,6 @@ class AuditOutcome:
                                         f"MLflow parent run: {self.run_id}"]))
 
 
-@contextmanager
-def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-
-
 def _target_params(cfg: AuditConfig, plan_params: dict, report: TargetReport) -> dict:
     t = report.target
     return {
@@ -149,22 +139,24 @@ def _model_files(plan: AuditPlan, cache: ModelCache, target: TargetConfig) -> di
 def _produce_targets(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, run: AuditRun, timings: dict[str, float],
                      say: Callable[[str], None]) -> tuple[list[TargetReport], dict[str, int]]:
     """Audit mode: reuse cached models, train the rest in groups per Tune trial, attack each target here."""
-    with _phase(timings, "cache_lookup"):
+    with phase(timings, "cache_lookup"):
         signals, missing = load_signals(plan, cache) if cfg.cache.reuse else ({}, list(plan.jobs))
-    totals = {"trained": 0, "reused": len(signals)}
+    totals: dict = {"trained": 0, "reused": len(signals), "nodes": set()}
     if missing:
-        with _ray(cfg, timings, say, f"{len(missing)} models to produce, {len(signals)} from the cache") as (cluster, res):
-            with _phase(timings, "training"):
-                done = produce_on_ray(plan, missing, cache, res, cluster, storage_path=_storage(cfg),
+        what = f"{len(missing)} models to produce, {len(signals)} from the cache"
+        with ray_session(cfg, timings, say, what) as (cluster, res):
+            with phase(timings, "training"):
+                done = produce_on_ray(plan, missing, cache, res, cluster, storage_path=storage_path(cfg),
                                       experiment_name=f"{cfg.name}-{run.run_id}", echo=say)
         totals["trained"], totals["reused"] = done["trained"], totals["reused"] + done["reused"]
+        totals["nodes"] = done["nodes"]
         signals, missing = load_signals(plan, cache)
         if missing:
             raise RuntimeError(f"{len(missing)} models have no outputs in the cache after training, e.g. "
                                f"{missing[0].job_id}; is cache.uri reachable from every Ray node?")
     else:
         say(f"all {len(plan.jobs)} models found in the cache {cache.uri}; nothing to train")
-    with _phase(timings, "attacks"):
+    with phase(timings, "attacks"):
         reports = [evaluate_pool(cfg, t, assemble_pool(plan, t, signals)) for t in cfg.targets]
     return reports, totals
 
@@ -186,7 +178,7 @@ def _ensure_diffusion_on_ray(plan: AuditPlan, cache: ModelCache, cfg: AuditConfi
     say(f"training the diffusion model ({cfg.diffence.train.steps} steps) for DIFFENCE")
     device = cfg.compute.device
     run_tasks({"diffusion-model": _timed(lambda: ensure_diffusion_model(plan, cache, device=resolve_device(device)))},
-              resources, storage_path=_storage(cfg), experiment_name=f"{cfg.name}-{run.run_id}-diffusion", echo=say)
+              resources, storage_path=storage_path(cfg), experiment_name=f"{cfg.name}-{run.run_id}-diffusion", echo=say)
     unet = load_diffusion_model(plan, cache)
     if unet is None:
         raise RuntimeError("the diffusion model is not in the cache after training; is cache.uri reachable from "
@@ -199,8 +191,8 @@ def _diffence_variants(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, run
                        ) -> tuple[list[TargetReport], nn.Module]:
     """Audit every target again through DIFFENCE: diffusion model, calibration, every model's outputs, attacks.
     Returns the reports and the diffusion model."""
-    with _ray(cfg, timings, say, "DIFFENCE outputs") as (cluster, resources):
-        with _phase(timings, "diffence"):
+    with ray_session(cfg, timings, say, "DIFFENCE outputs") as (cluster, resources):
+        with phase(timings, "diffence"):
             unet = _ensure_diffusion_on_ray(plan, cache, cfg, resources, run, say)
             intervals = {t.name: calibrate(plan, jobs_for_target(plan, t)[0], unet, cache, builders=builders)
                          for t in cfg.targets}
@@ -209,28 +201,10 @@ def _diffence_variants(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, run
             tasks = {f"{g[0].target.name}#{i}": _timed(lambda g=g: produce_diffence_signals(
                 g, plan, unet, intervals[g[0].target.name], cache, device=resolve_device(device), builders=builders))
                 for i, g in enumerate(groups)}
-            run_tasks(tasks, resources, storage_path=_storage(cfg), experiment_name=f"{cfg.name}-{run.run_id}-diffence",
+            run_tasks(tasks, resources, storage_path=storage_path(cfg), experiment_name=f"{cfg.name}-{run.run_id}-diffence",
                       echo=say)
-    with _phase(timings, "attacks"):
+    with phase(timings, "attacks"):
         return [diffence_report(plan, t, intervals[t.name], cache) for t in cfg.targets], unet
-
-
-def _storage(cfg: AuditConfig) -> str:
-    return cfg.ray.storage_path or str(cfg.output_dir.expanduser().resolve() / "ray_results")
-
-
-@contextmanager
-def _ray(cfg: AuditConfig, timings: dict[str, float], say: Callable[[str], None], what: str) -> Iterator[tuple]:
-    """Connect to Ray for the duration of the block and size the per-trial request."""
-    with _phase(timings, "ray_start"):
-        cluster = connect_ray(cfg.ray)
-    try:
-        resources = trial_resources(cfg.compute, cluster)
-        say(f"Ray at {cluster.address} ({cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs); {what}; per trial {resources}")
-        yield cluster, resources
-    finally:
-        with _phase(timings, "ray_shutdown"):
-            release_ray(cluster)
 
 
 def _decide(run: AuditRun, cfg: AuditConfig, reports: list[TargetReport], child_ids: dict[str, str],
@@ -262,12 +236,18 @@ def _decide(run: AuditRun, cfg: AuditConfig, reports: list[TargetReport], child_
     return points, front, champion
 
 
+def sweep_experiment(cfg: AuditConfig) -> str:
+    """The sweep's Tune experiment name: the same for the same sweep (tracking and Ray address aside), so that
+    running an interrupted sweep's command again finds and resumes it."""
+    return f"{cfg.name}-sweep-{content_key(cfg.model_dump(mode='json', exclude={'tracking', 'ray'}))[:16]}"
+
+
 def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] | None = None) -> AuditOutcome:
     """Run the audit ``cfg`` end to end and return its outcome; progress lines go to ``echo`` (stderr)."""
     say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     quiet_defaults()
     timings: dict[str, float] = {}
-    with _phase(timings, "data"):
+    with phase(timings, "data"):
         dataset = load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, download=cfg.data.download,
                                path=cfg.data.path, params=cfg.data.params)
         plan = plan_audit(cfg, dataset)
@@ -299,18 +279,22 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] | None = None) ->
                 defended, unet = _diffence_variants(plan, cache, cfg, run, timings, say, builders)
                 reports += defended
         else:
-            with _ray(cfg, timings, say, "one Tune trial per configuration") as (cluster, resources):
+            with ray_session(cfg, timings, say, "one Tune trial per configuration") as (cluster, resources):
                 if cfg.diffence is not None:
                     unet = _ensure_diffusion_on_ray(plan, cache, cfg, resources, run, say)
-                with _phase(timings, "training"):
-                    reports, finals, failed = run_sweep(plan, cache, resources, storage_path=_storage(cfg),
-                                                        experiment_name=f"{cfg.name}-{run.run_id}", echo=say)
-            totals = {"trained": -1, "reused": -1}
+                with phase(timings, "training"):
+                    reports, finals, failed = run_sweep(plan, cache, resources, storage_path=storage_path(cfg),
+                                                        experiment_name=sweep_experiment(cfg), echo=say,
+                                                        token=run.run_id)
+            mine = [f for f in finals if f.get("run_token") == run.run_id]  # not restored from an earlier driver
+            totals = {"trained": sum(int(f.get("trained", 0)) for f in mine), "reused": -1,
+                      "nodes": {f["node"] for f in finals if "node" in f},
+                      "restored": len(finals) - len(mine)}
         if unet is not None:
             run.log_files(diffusion_artifacts(unet))
             run.log_params(flat_params("diffence", cfg.diffence.model_dump(mode="json", exclude={"train", "model"})))
         child_ids: dict[str, str] = {}
-        with _phase(timings, "tracking"):
+        with phase(timings, "tracking"):
             for report in reports:
                 child_ids[report.target.name] = _log_target(run, cfg, report, _target_params(cfg, plan_params, report),
                                                             _model_files(plan, cache, report.target))
@@ -321,11 +305,12 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] | None = None) ->
                 run.log_failed_child(name, error)
         champion, points, front = None, [], []
         if reports:
-            with _phase(timings, "decision"):
+            with phase(timings, "decision"):
                 points, front, champion = _decide(run, cfg, reports, child_ids, output_dir / run.run_id, say)
-        run.log_metrics({**{f"time.{k}_s": v for k, v in timings.items()},
-                         **({"models.trained": totals["trained"], "models.reused": totals["reused"]}
-                            if totals["trained"] >= 0 else {}), "configurations.failed": len(failed)})
+        run.log_metrics({**{f"time.{k}_s": v for k, v in timings.items()}, "models.trained": totals["trained"],
+                         **({"models.reused": totals["reused"]} if totals["reused"] >= 0 else {}),
+                         **({"configurations.restored": totals["restored"]} if "restored" in totals else {}),
+                         "configurations.failed": len(failed), "cluster.nodes_used": len(totals["nodes"])})
         if failed:
             say(f"{len(failed)} configurations failed: " + "; ".join(f"{n}: {e.splitlines()[0]}" for n, e in failed))
     return AuditOutcome(run.run_id, tracking_uri, reports, timings, totals, champion, finals,
@@ -352,13 +337,13 @@ def rescore_run(run_id: str, overrides: list[str] | None = None, *, tracking_uri
         say(f"rescoring run {run_id}: {len(children)} targets from stored signals")
         with audit_run(cfg, uri, tags={"raymia.rescored_from": run_id}) as run:
             reports = []
-            with _phase(timings, "attacks"):
+            with phase(timings, "attacks"):
                 for child in children:
                     pool = PoolSignals.from_parquet(source.download(child.info.run_id, "signals/pool.parquet", d))
                     target_file = Path(source.download(child.info.run_id, "target.json", d))
                     target = TargetConfig.model_validate_json(target_file.read_text())
                     reports.append(evaluate_pool(cfg, target, pool))
-            with _phase(timings, "tracking"):
+            with phase(timings, "tracking"):
                 for report, child in zip(reports, children):
                     params = {k: v for k, v in child.data.params.items()
                               if not k.startswith("attacks") and k != "attacker"}

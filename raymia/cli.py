@@ -3,6 +3,7 @@
     raymia audit CONFIG [--set key=value ...]        run a privacy audit
     raymia validate CONFIG [--set key=value ...]     check a config without running anything
     raymia rescore RUN_ID [--set attacks.x=y ...]    re-score a finished audit from its stored model outputs
+    raymia diffusion-audit CONFIG [--set ...] [--validate]   audit diffusion models (undefended / DualMD / DistillMD)
 
 Exit codes: 0 success, 2 a problem in the user's input (message names the field and the fix), 1 a bug.
 """
@@ -27,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("config", help="path of the YAML config, e.g. configs/quickstart.yaml")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set reference.count=32 (repeatable)")
+    d = sub.add_parser("diffusion-audit", help="audit diffusion models: undefended, DualMD and DistillMD DDPMs "
+                                               "under loss / SecMI / PIA attacks, with FID")
+    d.add_argument("config", help="path of the YAML config, e.g. configs/diffusion-quickstart.yaml")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=500 (repeatable)")
+    d.add_argument("--validate", action="store_true", help="check the config and exit without running anything")
     r = sub.add_parser("rescore", help="re-score a finished audit from its stored outputs, without retraining")
     r.add_argument("run_id", help="the MLflow parent run id an audit printed")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="attacks.KEY=VALUE",
@@ -40,7 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quiet_defaults()
     try:
-        if args.command == "rescore":
+        if args.command == "diffusion-audit":
+            from raymia.config import DiffusionAuditConfig, load_config
+
+            dcfg = load_config(args.config, args.overrides, schema=DiffusionAuditConfig)
+            if args.validate:
+                print(f"{args.config}: OK (systems {', '.join(dcfg.defenses.enabled)}; attacks "
+                      f"{', '.join(dcfg.attacks.enabled)}; {dcfg.train.steps} training steps per DDPM)")
+                return 0
+            from raymia.diffusion_audit import run_diffusion_audit
+
+            outcome = run_diffusion_audit(dcfg)
+        elif args.command == "rescore":
             from raymia.audit import rescore_run
 
             outcome = rescore_run(args.run_id, args.overrides, tracking_uri=args.tracking_uri)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raymia.attacks.diffusion import DiffusionAttackConfig
 from raymia.attacks.lira import LiRAConfig
 from raymia.attacks.nn import NNAttackConfig
 from raymia.attacks.rmia import RMIAConfig
@@ -280,6 +281,77 @@ class AuditConfig(_Strict):
         return self
 
 
+# ------------------------------------------------------------------------------------ diffusion-model audit
+
+
+class DiffusionSplitConfig(_Strict):
+    """Fractions of the dataset: ``members`` train the diffusion models (DualMD/DistillMD split them in halves),
+    ``nonmembers`` are audited OUT samples, ``heldout`` is the real data FID compares samples against (and trains
+    the ``fid_proxy`` feature extractor). Pairwise disjoint; no model ever trains on non-members or held-out data."""
+
+    members: float = Field(0.2, gt=0, lt=1)
+    nonmembers: float = Field(0.2, gt=0, lt=1)
+    heldout: float = Field(0.3, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "DiffusionSplitConfig":
+        total = self.members + self.nonmembers + self.heldout
+        if total > 1 + 1e-9:
+            raise ValueError(f"split fractions sum to {total:.3f} > 1; lower members, nonmembers or heldout")
+        return self
+
+
+class DiffusionDefensesConfig(_Strict):
+    """Which systems are audited. ``student``: DistillMD's student recipe (default: the ``train`` recipe)."""
+
+    enabled: list[Literal["undefended", "dualmd", "distillmd"]] = ["undefended", "dualmd", "distillmd"]
+    student: DiffusionRecipe | None = None
+
+    @field_validator("enabled")
+    @classmethod
+    def _some(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("list each of undefended, dualmd, distillmd at most once, and at least one")
+        return v
+
+
+class SamplingConfig(_Strict):
+    """Samples for FID and the sample grid: ``ddim`` with ``steps`` steps, or ``ddpm`` ancestral over all T."""
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = Field(100, ge=2)
+    n_samples: int = Field(500, ge=10)
+    batch_size: int = Field(500, ge=1)
+
+
+class FIDConfig(_Strict):
+    """``inception_weights``: a local torchvision inception_v3 state dict for real FID; unset: ``fid_proxy``."""
+
+    inception_weights: Path | None = None
+    proxy_epochs: int = Field(40, ge=1)
+
+
+class DiffusionAuditConfig(_Strict):
+    """A privacy audit of diffusion models: undefended / DualMD / DistillMD DDPMs trained on the members, attacked
+    white-box (loss, SecMI, PIA, PIAN), with FID for utility."""
+
+    name: str = "diffusion-audit"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    split: DiffusionSplitConfig = DiffusionSplitConfig()
+    model: DiffusionSpec = DiffusionSpec()
+    train: DiffusionRecipe = DiffusionRecipe()
+    defenses: DiffusionDefensesConfig = DiffusionDefensesConfig()
+    attacks: DiffusionAttackConfig = DiffusionAttackConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    fid: FIDConfig = FIDConfig()
+    compute: ComputeConfig = ComputeConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig(experiment="raymia-diffusion")
+    cache: CacheConfig = CacheConfig()
+    output_dir: Path = Path("runs")
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 
@@ -294,8 +366,8 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] | None = AuditConfig
+def _valid_keys(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
+    model: type[BaseModel] | None = root
     for part in loc:
         if isinstance(part, int) or model is None:
             continue
@@ -304,11 +376,11 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: dict[str, Any], root: type[BaseModel]) -> str:
     loc = tuple(err["loc"])
     where = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        keys = _valid_keys(loc[:-1])
+        keys = _valid_keys(loc[:-1], root)
         close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"{where}: unknown key; {hint}valid keys here: {', '.join(keys)}"
@@ -318,14 +390,18 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{where}: {msg}{shown}"
 
 
-def parse_config(raw: Any, *, source: str = "config") -> AuditConfig:
-    """Validate a mapping into an :class:`AuditConfig`; raise :class:`UserError` listing every bad field."""
+Schema = typing.TypeVar("Schema", bound=BaseModel)
+
+
+def parse_config(raw: Any, *, source: str = "config", schema: type[Schema] = AuditConfig) -> Schema:
+    """Validate a mapping into ``schema`` (an :class:`AuditConfig` by default); raise :class:`UserError` listing
+    every bad field."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of keys to values at the top level, got {type(raw).__name__}")
     try:
-        return AuditConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
-        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        lines = "\n".join(f"  - {_describe(e, schema)}" for e in exc.errors())
         raise UserError(f"{source} is invalid:\n{lines}") from None
 
 
@@ -355,8 +431,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> AuditConfig:
-    """Read, override and validate a YAML config file."""
+def load_config(path: str | Path, overrides: list[str] | None = None, *,
+                schema: type[Schema] = AuditConfig) -> Schema:
+    """Read, override and validate a YAML config file into ``schema``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}; pass the path of a YAML file such as "
@@ -371,4 +448,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> AuditCo
     raw = {} if raw is None else raw
     if isinstance(raw, dict):
         raw = apply_overrides(raw, overrides or [])
-    return parse_config(raw, source=str(path))
+    return parse_config(raw, source=str(path), schema=schema)

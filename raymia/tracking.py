@@ -27,7 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 import raymia
-from raymia.config import AuditConfig, TrackingConfig
+from raymia.config import AuditConfig, DiffusionAuditConfig, TrackingConfig
 from raymia.errors import UserError
 
 #: Where each reported number's decision threshold comes from (logged as tags and ``protocol.json``).
@@ -114,8 +114,9 @@ class AuditRun:
     def log_params(self, params: dict[str, Any]) -> None:
         self._log(self.run_id, params=params)
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        self._log(self.run_id, metrics=metrics)
+    def log_metrics(self, metrics: dict[str, float], run_id: str | None = None) -> None:
+        """Log metrics to the parent (default) or another run."""
+        self._log(run_id or self.run_id, metrics=metrics)
 
     def log_files(self, files: dict[str, bytes | Path], run_id: str | None = None) -> None:
         """Log ``{artifact path: bytes or local file}`` to the parent (default) or another run."""
@@ -174,7 +175,8 @@ class AuditRun:
 
 
 @contextmanager
-def audit_run(cfg: AuditConfig, tracking_uri: str, *, tags: dict[str, str] | None = None) -> Iterator[AuditRun]:
+def audit_run(cfg: AuditConfig | DiffusionAuditConfig, tracking_uri: str, *,
+              tags: dict[str, str] | None = None) -> Iterator[AuditRun]:
     """Create the audit's parent run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C — never RUNNING."""
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     name = cfg.tracking.experiment

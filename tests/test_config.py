@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from raymia.attacks import ATTACK_NAMES
-from raymia.config import load_config, parse_config
+from raymia.config import DiffusionAuditConfig, load_config, parse_config
 from raymia.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,8 +16,12 @@ def test_shipped_configs_are_valid():
     paths = sorted((REPO / "configs").glob("*.yaml"))
     assert len(paths) >= 2
     for path in paths:
-        cfg = load_config(path)
-        assert cfg.targets or cfg.sweep
+        if path.name.startswith("diffusion-"):
+            cfg = load_config(path, schema=DiffusionAuditConfig)
+            assert cfg.defenses.enabled
+        else:
+            cfg = load_config(path)
+            assert cfg.targets or cfg.sweep
 
 
 def test_quickstart_audits_two_targets_with_enough_reference_models():

@@ -35,6 +35,7 @@ from torch import nn
 
 from raymia.attacks.lira import log_odds
 from raymia.diffusion.model import to_data_range, to_model_range
+from raymia.diffusion.sampling import ddim_step
 
 
 class DiffenceConfig(BaseModel):
@@ -65,14 +66,13 @@ def noised(x0: torch.Tensor, t_prime: int, abar: torch.Tensor, noise: torch.Tens
 
 
 def ddim_denoise(unet: nn.Module, x_t: torch.Tensor, t_prime: int, abar: torch.Tensor, steps: int) -> torch.Tensor:
-    """Deterministic DDIM (η = 0) from step T' down to 0 in ``steps`` jumps: x̂0 = (x - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t),
-    then x = sqrt(ᾱ_s) x̂0 + sqrt(1-ᾱ_s) ε̂ at the next step s. One UNet call per jump."""
+    """Deterministic DDIM (η = 0) from step T' down to 0 in ``steps`` jumps (:func:`ddim_step`), one UNet call
+    per jump."""
     ts = np.linspace(t_prime, 0, steps + 1).round().astype(int)
     x = x_t
     for t, s in zip(ts[:-1], ts[1:]):
         eps = unet(x, torch.full((len(x),), int(t), device=x.device)).sample
-        x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
-        x = abar[s].sqrt() * x0 + (1 - abar[s]).sqrt() * eps
+        x = ddim_step(x, eps, int(t), int(s), abar)
     return x
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import ray
 from ray import cloudpickle, tune
 
 from raymia.cache import ModelCache
@@ -68,7 +69,7 @@ def _produce_trial(config: dict[str, Any], *, groups: dict[str, list[TrainJob]],
                             device=resolve_device(plan_bits["device"]), builders=builders)
     tune.report({"group": config["group"], "models": len(jobs), "trained": len(stats.trained),
                  "vmapped": stats.vmapped, "reused": stats.reused_models + stats.reused_signals,
-                 "seconds": stats.seconds})
+                 "seconds": stats.seconds, "node": ray.get_runtime_context().get_node_id()})
 
 
 class _Progress(tune.Callback):
@@ -107,8 +108,9 @@ def _stderr(line: str) -> None:
 
 def produce_on_ray(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache, resources: dict[str, float],
                    cluster: ClusterInfo, *, storage_path: str, experiment_name: str, reuse_actors: bool = True,
-                   echo: Callable[[str], None] = _stderr) -> dict[str, int]:
-    """Train or reuse ``jobs`` on the cluster, in groups of models per Tune trial; returns summed trial stats.
+                   echo: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Train or reuse ``jobs`` on the cluster, in groups of models per Tune trial; returns summed trial stats
+    and the ids of the nodes trials ran on (``nodes``).
 
     ``resources`` is the per-trial request from :func:`raymia.orchestration.cluster.trial_resources`;
     ``reuse_actors`` keeps trial processes (and their imported torch) alive between trials.
@@ -141,10 +143,11 @@ def produce_on_ray(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache,
     if grid.errors:
         raise TrainingFailed(f"{len(grid.errors)} of {len(groups)} training trials failed; first error:\n"
                              f"{grid.errors[0]}")
-    totals = {"trials": len(groups), "trained": 0, "vmapped": 0, "reused": 0}
+    totals: dict[str, Any] = {"trials": len(groups), "trained": 0, "vmapped": 0, "reused": 0, "nodes": set()}
     for result in grid:
         for k in ("trained", "vmapped", "reused"):
             totals[k] += int(result.metrics[k])
+        totals["nodes"].add(result.metrics["node"])
     return totals
 
 

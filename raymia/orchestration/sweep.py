@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import TypeAdapter
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
@@ -68,12 +69,18 @@ def _threads() -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def _audit_trial(config: dict[str, Any], *, plan: AuditPlan, cache: ModelCache, builders: dict) -> None:
+def _where(token: str) -> dict[str, Any]:
+    """Which node ran the trial, and which driver run it belongs to (restored trials keep an older token)."""
+    return {"node": ray.get_runtime_context().get_node_id(), "run_token": token}
+
+
+def _audit_trial(config: dict[str, Any], *, plan: AuditPlan, cache: ModelCache, builders: dict,
+                 token: str = "") -> None:
     _threads()
     cfg = plan.config
     target = sweep_target(plan, config["defense"])
     jobs = jobs_for_target(plan, target)
-    produce_signals(jobs, plan.dataset, plan.scored_indices, cache, query_views=list(cfg.attacks.queries),
+    stats = produce_signals(jobs, plan.dataset, plan.scored_indices, cache, query_views=list(cfg.attacks.queries),
                     label_only=cfg.attacks.label_only, views_id=plan.views_id, reuse=cfg.cache.reuse,
                     strategy=cfg.reference.strategy, device=resolve_device(cfg.compute.device), builders=builders)
     signals, missing = load_signals(dataclasses.replace(plan, jobs=jobs), cache)
@@ -92,11 +99,13 @@ def _audit_trial(config: dict[str, Any], *, plan: AuditPlan, cache: ModelCache, 
             report.save(f"{d}/{i}")
         tune.report({"target": target.name, "test_acc": reports[0].test_acc, "gap": reports[0].gap,
                      "best_attack": best.name, "mia.best.auc": best.metrics.auc,
-                     "mia.best.tpr_at_0.1pct_fpr": best.metrics.tpr_at_fpr["0.1pct"]},
+                     "mia.best.tpr_at_0.1pct_fpr": best.metrics.tpr_at_fpr["0.1pct"],
+                     "trained": len(stats.trained), **_where(token)},
                     checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def _utility_trial(config: dict[str, Any], *, plan: AuditPlan, cache: ModelCache, builders: dict) -> None:
+def _utility_trial(config: dict[str, Any], *, plan: AuditPlan, cache: ModelCache, builders: dict,
+                   token: str = "") -> None:
     _threads()
     cfg, ds, split = plan.config, plan.dataset, plan.split
     target = sweep_target(plan, config["defense"])
@@ -125,14 +134,20 @@ def _utility_trial(config: dict[str, Any], *, plan: AuditPlan, cache: ModelCache
         train_classifier(model, torch.from_numpy(ds.x)[rows], torch.from_numpy(ds.y)[rows], recipe, seed=job.seed,
                          policy=defense.policy(ctx, recipe, len(rows), job.seed), device=device, on_epoch=report)
     tune.report({"target": target.name, "epoch": target.train.epochs, "val_acc": accuracy(model, val),
-                 "test_acc": accuracy(model, test), "done": True})
+                 "test_acc": accuracy(model, test), "done": True, "trained": 1, **_where(token)})
 
 
 def run_sweep(plan: AuditPlan, cache: ModelCache, resources: dict[str, float], *, storage_path: str,
-              experiment_name: str, echo: Callable[[str], None]) -> tuple[list[TargetReport], list[dict[str, Any]],
-                                                                          list[tuple[str, str]]]:
+              experiment_name: str, echo: Callable[[str], None], token: str = ""
+              ) -> tuple[list[TargetReport], list[dict[str, Any]], list[tuple[str, str]]]:
     """Run the sweep; returns the audited reports (objective audit), the final metrics of every trial, and
-    ``(configuration, error)`` for trials that failed."""
+    ``(configuration, error)`` for trials that failed.
+
+    If ``storage_path/experiment_name`` holds an interrupted run of this sweep (the driver was killed), it is
+    resumed with ``Tuner.restore``: finished trials keep their results, unfinished and errored ones run again.
+    Trials report their node and ``token`` (the driver's run id), so the caller can tell restored results apart.
+    A trial whose node dies is retried once on the remaining nodes (``FailureConfig(max_failures=1)``).
+    """
     cfg = plan.config
     sweep = cfg.sweep
     fn = _audit_trial if sweep.objective == "audit" else _utility_trial
@@ -151,13 +166,21 @@ def run_sweep(plan: AuditPlan, cache: ModelCache, resources: dict[str, float], *
                 line += f", best attack {r['best_attack']} AUC {r['mia.best.auc']:.3f}"
             echo(f"[{done['n']}] {r.get('target', trial.trial_id)}: {line}")
 
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(fn, plan=plan, cache=cache, builders=plugin_builders(plan)), resources),
-        param_space=search_space(sweep.defenses),
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.compute.max_concurrent_trials),
-        run_config=tune.RunConfig(name=experiment_name, storage_path=storage_path, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1), callbacks=[Progress()]),
-    )
+    trainable = tune.with_resources(tune.with_parameters(fn, plan=plan, cache=cache, builders=plugin_builders(plan),
+                                                         token=token), resources)
+    path = f"{storage_path.rstrip('/')}/{experiment_name}"
+    if tune.Tuner.can_restore(path):
+        echo(f"resuming the interrupted sweep in {path}")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=search_space(sweep.defenses))
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(sweep.defenses),
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=cfg.compute.max_concurrent_trials),
+            run_config=tune.RunConfig(name=experiment_name, storage_path=storage_path, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1), callbacks=[Progress()]),
+        )
     grid = tuner.fit()
     reports, finals, failed = [], [], []
     for result in grid:
