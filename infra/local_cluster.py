@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ class LocalCluster:
     head_cpus: int = 1
     worker_cpus: int = 1
     _mlflow: subprocess.Popen | None = None
+    _temp: Path | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -62,7 +65,10 @@ class LocalCluster:
 
     @property
     def temp_dir(self) -> Path:
-        return self.root / "ray"
+        """Ray's session root: short, under /tmp — Unix socket paths inside it must stay under 108 bytes."""
+        if self._temp is None:
+            self._temp = Path(tempfile.mkdtemp(prefix="raymia-ray-", dir="/tmp"))
+        return self._temp
 
     def _ray(self, *args: str) -> None:
         subprocess.run([str(BIN / "ray"), "start", *args, "--disable-usage-stats"], env=self.env, check=True,
@@ -160,6 +166,9 @@ class LocalCluster:
                     pass
             if pids:
                 time.sleep(2)
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
