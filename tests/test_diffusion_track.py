@@ -178,3 +178,19 @@ def test_diffusion_config_errors_name_the_field():
         parse_config({"defenses": {"enabled": ["dualmd", "distilmd"]}}, schema=DiffusionAuditConfig)
     with pytest.raises(UserError, match="sum to"):
         parse_config({"split": {"members": 0.5, "nonmembers": 0.4, "heldout": 0.3}}, schema=DiffusionAuditConfig)
+
+
+def test_inception_weights_load_as_tensors_from_a_local_file(tmp_path, digits):
+    from torchvision.models import inception_v3
+
+    from raymia.diffusion.fid import inception_features
+
+    weights = tmp_path / "inception.pt"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
+    feats = inception_features(weights)(torch.from_numpy(digits.x[:3]))  # grey 8x8 -> RGB 299x299
+    assert feats.shape == (3, 2048) and np.isfinite(feats).all()
+    (tmp_path / "bad.pt").write_bytes(b"not a state dict")
+    with pytest.raises(UserError, match="fid.inception_weights"):
+        inception_features(tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="not found"):
+        inception_features(tmp_path / "missing.pt")

@@ -86,7 +86,7 @@ def inception_features(weights: Path, *, device: torch.device | str = "cpu") -> 
     net = inception_v3(weights=None, aux_logits=True, init_weights=False)
     try:
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except (RuntimeError, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load raises UnpicklingError, RuntimeError, EOFError, ...
         raise UserError(f"{weights} is not a torchvision inception_v3 state dict: {str(exc)[:300]}",
                         field="fid.inception_weights") from None
     net.fc = nn.Identity()
