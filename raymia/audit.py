@@ -22,7 +22,6 @@ from torch import nn
 import raymia
 from raymia.cache import ModelCache, content_key
 from raymia.config import AuditConfig, FrontierConfig, TargetConfig, TrackingConfig, apply_overrides, parse_config
-from raymia.data.datasets import load_dataset
 from raymia.defenses import make_defense
 from raymia.errors import UserError
 from raymia.orchestration.session import phase, ray_session, storage_path
@@ -248,8 +247,7 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] | None = None) ->
     quiet_defaults()
     timings: dict[str, float] = {}
     with phase(timings, "data"):
-        dataset = load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, download=cfg.data.download,
-                               path=cfg.data.path, params=cfg.data.params)
+        dataset = cfg.data.load()
         plan = plan_audit(cfg, dataset)
         if cfg.sweep is not None:
             check_sweep(plan)

@@ -22,7 +22,7 @@ from raymia.attacks.nn import NNAttackConfig
 from raymia.attacks.rmia import RMIAConfig
 from raymia.attacks.suite import ATTACK_NAMES, AttackKnobs
 from raymia.data.queries import LabelOnlyConfig
-from raymia.data.datasets import check_dataset_name
+from raymia.data.datasets import Dataset, check_dataset_name, load_dataset
 from raymia.data.splits import ROLES
 from raymia.defenses import DefenseConfig, NoDefenseConfig
 from raymia.defenses.diffence import DiffenceConfig
@@ -51,6 +51,11 @@ class DataConfig(_Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         return check_dataset_name(v)
+
+    def load(self) -> Dataset:
+        """The dataset this section describes (a :class:`UserError` names what is missing or malformed)."""
+        return load_dataset(self.dataset, data_root=self.data_root, download=self.download, path=self.path,
+                            params=self.params)
 
 
 class SplitConfig(_Strict):
@@ -232,13 +237,23 @@ class DiffenceAuditConfig(DiffenceConfig):
     eval_population: int = Field(200, ge=1)
 
 
-class AuditConfig(_Strict):
-    """A whole privacy audit: data, split, target configurations (or a defense sweep), reference models, attacks,
-    frontier and champion rule, compute, tracking."""
+class RunConfig(_Strict):
+    """What every audit has: a name, a seed, data, and where it computes, tracks and caches."""
 
     name: str = "audit"
     seed: int = 0
     data: DataConfig = DataConfig()
+    compute: ComputeConfig = ComputeConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    cache: CacheConfig = CacheConfig()
+    output_dir: Path = Path("runs")
+
+
+class AuditConfig(RunConfig):
+    """A whole privacy audit: data, split, target configurations (or a defense sweep), reference models, attacks,
+    frontier and champion rule, compute, tracking."""
+
     split: SplitConfig = SplitConfig()
     targets: list[TargetConfig] = []
     sweep: SweepConfig | None = None
@@ -247,11 +262,6 @@ class AuditConfig(_Strict):
     diffence: DiffenceAuditConfig | None = None
     reference: ReferenceConfig = ReferenceConfig()
     attacks: AttackConfig = AttackConfig()
-    compute: ComputeConfig = ComputeConfig()
-    ray: RayConfig = RayConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    cache: CacheConfig = CacheConfig()
-    output_dir: Path = Path("runs")
 
     @field_validator("targets")
     @classmethod
@@ -331,13 +341,12 @@ class FIDConfig(_Strict):
     proxy_epochs: int = Field(40, ge=1)
 
 
-class DiffusionAuditConfig(_Strict):
+class DiffusionAuditConfig(RunConfig):
     """A privacy audit of diffusion models: undefended / DualMD / DistillMD DDPMs trained on the members, attacked
     white-box (loss, SecMI, PIA, PIAN), with FID for utility."""
 
     name: str = "diffusion-audit"
-    seed: int = 0
-    data: DataConfig = DataConfig()
+    tracking: TrackingConfig = TrackingConfig(experiment="raymia-diffusion")
     split: DiffusionSplitConfig = DiffusionSplitConfig()
     model: DiffusionSpec = DiffusionSpec()
     train: DiffusionRecipe = DiffusionRecipe()
@@ -345,11 +354,6 @@ class DiffusionAuditConfig(_Strict):
     attacks: DiffusionAttackConfig = DiffusionAttackConfig()
     sampling: SamplingConfig = SamplingConfig()
     fid: FIDConfig = FIDConfig()
-    compute: ComputeConfig = ComputeConfig()
-    ray: RayConfig = RayConfig()
-    tracking: TrackingConfig = TrackingConfig(experiment="raymia-diffusion")
-    cache: CacheConfig = CacheConfig()
-    output_dir: Path = Path("runs")
 
 
 # ----------------------------------------------------------------------------------------------- loading

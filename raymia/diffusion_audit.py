@@ -23,7 +23,6 @@ import torch
 import raymia
 from raymia.cache import ModelCache
 from raymia.config import DiffusionAuditConfig
-from raymia.data.datasets import load_dataset
 from raymia.orchestration.fanout import run_tasks
 from raymia.orchestration.session import phase, ray_session, storage_path
 from raymia.pipeline.diffusion_audit import (DiffusionPlan, SystemReport, build_systems, evaluate_system,
@@ -171,8 +170,7 @@ def run_diffusion_audit(cfg: DiffusionAuditConfig, *, echo: Callable[[str], None
     quiet_defaults()
     timings: dict[str, float] = {}
     with phase(timings, "data"):
-        dataset = load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, download=cfg.data.download,
-                               path=cfg.data.path, params=cfg.data.params)
+        dataset = cfg.data.load()
         plan = plan_diffusion_audit(cfg, dataset)
     output_dir = cfg.output_dir.expanduser().resolve()
     cache = ModelCache(cfg.cache.uri or output_dir / "cache")

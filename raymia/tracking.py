@@ -27,7 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 import raymia
-from raymia.config import AuditConfig, DiffusionAuditConfig, TrackingConfig
+from raymia.config import RunConfig, TrackingConfig
 from raymia.errors import UserError
 
 #: Where each reported number's decision threshold comes from (logged as tags and ``protocol.json``).
@@ -175,7 +175,7 @@ class AuditRun:
 
 
 @contextmanager
-def audit_run(cfg: AuditConfig | DiffusionAuditConfig, tracking_uri: str, *,
+def audit_run(cfg: RunConfig, tracking_uri: str, *,
               tags: dict[str, str] | None = None) -> Iterator[AuditRun]:
     """Create the audit's parent run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C — never RUNNING."""
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)

@@ -11,9 +11,9 @@ from raymia.diffusion_audit import run_diffusion_audit
 def _config(tmp_path) -> dict:
     return {"name": "tiny-diffusion", "data": {"dataset": "digits"},
             "split": {"members": 0.05, "nonmembers": 0.15, "heldout": 0.2},
-            "train": {"steps": 150, "batch_size": 32, "warmup_steps": 20},
+            "train": {"steps": 80, "batch_size": 32, "warmup_steps": 20},
             "attacks": {"t_grid": [50]},
-            "sampling": {"steps": 10, "n_samples": 60}, "fid": {"proxy_epochs": 5},
+            "sampling": {"steps": 10, "n_samples": 40}, "fid": {"proxy_epochs": 3},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "diffusion"},
             "output_dir": str(tmp_path / "runs")}
 

@@ -5,18 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Protocol
 
-from raymia.config import ComputeConfig, RayConfig
+from raymia.config import RunConfig
 from raymia.orchestration.cluster import ClusterInfo, connect_ray, release_ray, trial_resources
-
-
-class RunsOnRay(Protocol):
-    ray: RayConfig
-    compute: ComputeConfig
-    output_dir: Path
-
 
 @contextmanager
 def phase(timings: dict[str, float], name: str) -> Iterator[None]:
@@ -28,13 +19,13 @@ def phase(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def storage_path(cfg: RunsOnRay) -> str:
+def storage_path(cfg: RunConfig) -> str:
     """Tune's storage: ``ray.storage_path`` (any pyarrow.fs URI), else ``<output_dir>/ray_results``."""
     return cfg.ray.storage_path or str(cfg.output_dir.expanduser().resolve() / "ray_results")
 
 
 @contextmanager
-def ray_session(cfg: RunsOnRay, timings: dict[str, float], say: Callable[[str], None],
+def ray_session(cfg: RunConfig, timings: dict[str, float], say: Callable[[str], None],
                 what: str) -> Iterator[tuple[ClusterInfo, dict[str, float]]]:
     """Connect to Ray for the duration of the block and size the per-trial request."""
     with phase(timings, "ray_start"):
