@@ -60,8 +60,9 @@ def _sweep_config(path: Path, cluster: LocalCluster, name: str, *, uris: bool = 
 
 def _driver(config: Path, cluster: LocalCluster) -> subprocess.Popen:
     """``raymia audit`` as a driver joining the cluster (as a job's driver does, through RAY_ADDRESS)."""
-    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "audit.py"), str(config)],
-                            env={**cluster.env, "RAY_ADDRESS": f"127.0.0.1:{cluster.ports.gcs}"},
+    env = {**cluster.env, "RAY_ADDRESS": f"127.0.0.1:{cluster.ports.gcs}",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # retry every 1, 2, 4, ... s (default factor 2)
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "audit.py"), str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
