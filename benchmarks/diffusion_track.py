@@ -18,6 +18,7 @@ def main() -> None:
     p.add_argument("--preset", default="tiny", choices=["tiny", "ddpm_cifar"])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="training precision")
     args = p.parse_args()
     import torch
 
@@ -39,12 +40,14 @@ def main() -> None:
     print(f"machine: {describe_machine()}; preset {args.preset}, images {shape}")
     x = torch.rand(args.images, *shape)
     unet = build_unet(spec, shape, seed=0)
-    train_diffusion(unet, sched, x, DiffusionRecipe(steps=3, batch_size=128), seed=0, device=device)  # warm-up
+    recipe = DiffusionRecipe(steps=3, batch_size=128, precision=args.precision)
+    train_diffusion(unet, sched, x, recipe, seed=0, device=device)  # warm-up
     sync()
     start = time.perf_counter()
-    ema = train_diffusion(unet, sched, x, DiffusionRecipe(steps=args.steps, batch_size=128), seed=0, device=device)
+    ema = train_diffusion(unet, sched, x, recipe.model_copy(update={"steps": args.steps}), seed=0, device=device)
     sync()
-    print(f"training: {args.steps * 128 / (time.perf_counter() - start):.0f} images/s (batch 128, fp32, EMA)")
+    print(f"training: {args.steps * 128 / (time.perf_counter() - start):.0f} images/s "
+          f"(batch 128, {args.precision}, EMA)")
     eps = unet_eps(ema.to(device))
     abar = sched.alphas_cumprod.to(device)
     xm = (x * 2 - 1).to(device)

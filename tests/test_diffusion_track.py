@@ -194,3 +194,15 @@ def test_inception_weights_load_as_tensors_from_a_local_file(tmp_path, digits):
         inception_features(tmp_path / "bad.pt")
     with pytest.raises(UserError, match="not found"):
         inception_features(tmp_path / "missing.pt")
+
+
+def test_bf16_training_autocasts_the_forward_pass_and_keeps_fp32_weights(digits):
+    x = torch.from_numpy(digits.x[:64])
+    weights = []
+    for precision in ("fp32", "bf16"):
+        unet = build_unet(SPEC, digits.input_shape, seed=0)
+        train_diffusion(unet, SCHED, x, DiffusionRecipe(steps=20, batch_size=16, warmup_steps=1, precision=precision),
+                        seed=0)
+        assert all(p.dtype == torch.float32 for p in unet.parameters())
+        weights.append(torch.cat([p.detach().flatten() for p in unet.parameters()]))
+    assert torch.isfinite(weights[1]).all() and not torch.equal(weights[0], weights[1])  # bf16 arithmetic was used

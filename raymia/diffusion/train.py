@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ class DiffusionRecipe(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     hflip: bool = False
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the UNet's forward pass "
+                                               "(weights, optimizer and EMA stay fp32)")
 
 
 TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -44,12 +47,14 @@ def train_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, x01: torch.Tens
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
+    noise_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)  # noise where used
     torch.manual_seed(seed)
     unet.to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
     data = to_model_range(x01.to(device))
     abar = scheduler.alphas_cumprod.to(device)
-    opt = torch.optim.Adam(unet.parameters(), lr=recipe.lr)
+    opt = torch.optim.Adam(unet.parameters(), lr=recipe.lr, fused=device.type == "cuda")
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, recipe.warmup_steps)))
     n_t = len(abar)
     for step in range(recipe.steps):
@@ -60,11 +65,13 @@ def train_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, x01: torch.Tens
             flip = (torch.rand(len(rows), generator=gen) < 0.5).to(device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         t = torch.randint(0, n_t, (len(rows),), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=noise_gen, device=device)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if target_fn is None else target_fn(x_t, t, noise, rows)
-        loss = F.mse_loss(unet(x_t, t).sample, target)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+            pred = unet(x_t, t).sample
+        loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe.grad_clip)
@@ -72,6 +79,5 @@ def train_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, x01: torch.Tens
         warm.step()
         decay = min(recipe.ema_decay, (1 + step) / (10 + step))  # EMA warm-up, as diffusers' EMAModel
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
     return ema
