@@ -9,13 +9,16 @@ per resolution, attention at 16x16, dropout 0.1; 35.7M parameters — for GPUs).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from pydantic import BaseModel, ConfigDict, Field
 
 from raymia.errors import UserError
+
+if TYPE_CHECKING:
+    from raymia.cache import ModelCache
 
 
 class DiffusionSpec(BaseModel):
@@ -53,6 +56,17 @@ def build_unet(spec: DiffusionSpec, input_shape: tuple[int, ...], *, seed: int |
                        layers_per_block=2, dropout=0.1,
                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+
+
+def load_cached_unet(cache: "ModelCache", key: str, spec: DiffusionSpec, input_shape: tuple[int, ...]
+                     ) -> UNet2DModel | None:
+    """The UNet stored under ``key`` (eval mode, on the CPU), or ``None`` if the cache does not hold it."""
+    stored = cache.load_model(key)
+    if stored is None:
+        return None
+    unet = build_unet(spec, input_shape)
+    unet.load_state_dict(stored[0])
+    return unet.eval()
 
 
 def make_scheduler(spec: DiffusionSpec) -> DDPMScheduler:

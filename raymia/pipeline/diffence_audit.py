@@ -24,7 +24,7 @@ from raymia.cache import ModelCache, content_key
 from raymia.config import TargetConfig
 from raymia.data.queries import QUERY_VIEWS
 from raymia.defenses.diffence import Diffence, DiffenceConfig
-from raymia.diffusion.model import build_unet, make_scheduler
+from raymia.diffusion.model import build_unet, load_cached_unet, make_scheduler
 from raymia.diffusion.train import train_diffusion
 from raymia.pipeline.audit import AuditPlan, TargetReport, assemble_pool, derive_seed, evaluate_pool, jobs_for_target
 from raymia.pipeline.factory import load_trained
@@ -58,12 +58,7 @@ def diffusion_job(plan: AuditPlan) -> DiffusionJob:
 
 def load_diffusion_model(plan: AuditPlan, cache: ModelCache) -> nn.Module | None:
     """The audit's diffusion model from the cache (eval mode), or ``None`` if it was not trained yet."""
-    cached = cache.load_model(diffusion_job(plan).key)
-    if cached is None:
-        return None
-    unet = build_unet(plan.config.diffence.model, plan.dataset.input_shape)
-    unet.load_state_dict(cached[0])
-    return unet.eval()
+    return load_cached_unet(cache, diffusion_job(plan).key, plan.config.diffence.model, plan.dataset.input_shape)
 
 
 def ensure_diffusion_model(plan: AuditPlan, cache: ModelCache, *, device: torch.device | str = "cpu") -> nn.Module:

@@ -28,7 +28,7 @@ from raymia.config import DiffusionAuditConfig
 from raymia.data.datasets import Dataset
 from raymia.diffusion.dual import DistillSchedule, split_halves
 from raymia.diffusion.fid import Features, frechet_distance, inception_features, proxy_features
-from raymia.diffusion.model import build_unet, make_scheduler, to_model_range
+from raymia.diffusion.model import build_unet, load_cached_unet, make_scheduler, to_model_range
 from raymia.diffusion.sampling import EpsFn, parity_eps, sample, unet_eps
 from raymia.diffusion.train import train_diffusion
 from raymia.metrics import AttackMetrics
@@ -42,14 +42,13 @@ SYSTEM_MODELS = {"undefended": ("undefended",), "dualmd": ("teacher1", "teacher2
 @dataclass(frozen=True, eq=False)
 class DiffusionJob:
     """One diffusion model to train: its name, the dataset rows it learns from and its cache key. The student
-    also names its teachers and the halves (dataset rows) each of them trained on."""
+    also names its teachers (their halves are the plan's)."""
 
     name: str
     rows: np.ndarray
     key: str
     seed: int
     teachers: tuple[str, ...] = ()
-    halves: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +60,10 @@ class DiffusionPlan:
     roles: dict[str, np.ndarray]
     halves: tuple[np.ndarray, np.ndarray]
     jobs: dict[str, DiffusionJob]
+
+    def half_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where D1 and D2 sit inside the (sorted) members array: rows of any array ordered like the members."""
+        return tuple(np.searchsorted(self.roles["members"], h) for h in self.halves)
 
     def stages(self) -> list[list[DiffusionJob]]:
         """Jobs in dependency order: the independent models first (in parallel), then the student."""
@@ -89,18 +92,13 @@ def plan_diffusion_audit(cfg: DiffusionAuditConfig, dataset: Dataset) -> Diffusi
         seed = derive_seed(cfg.seed, "student")
         key = content_key({**base, "rows": roles["members"], "seed": seed, "recipe": recipe.model_dump(mode="json"),
                            "teachers": [jobs["teacher1"].key, jobs["teacher2"].key]})
-        jobs["student"] = DiffusionJob("student", roles["members"], key, seed, ("teacher1", "teacher2"), halves)
+        jobs["student"] = DiffusionJob("student", roles["members"], key, seed, ("teacher1", "teacher2"))
     return DiffusionPlan(cfg, dataset, roles, halves, jobs)
 
 
 def load_unet(plan: DiffusionPlan, name: str, cache: ModelCache) -> nn.Module | None:
     """The trained model ``name`` (EMA weights, eval mode) from the cache, or ``None`` if it is not there."""
-    stored = cache.load_model(plan.jobs[name].key)
-    if stored is None:
-        return None
-    unet = build_unet(plan.config.model, plan.dataset.input_shape)
-    unet.load_state_dict(stored[0])
-    return unet.eval()
+    return load_cached_unet(cache, plan.jobs[name].key, plan.config.model, plan.dataset.input_shape)
 
 
 def train_job(plan: DiffusionPlan, name: str, cache: ModelCache, *, device: torch.device | str = "cpu",
@@ -125,9 +123,8 @@ def train_job(plan: DiffusionPlan, name: str, cache: ModelCache, *, device: torc
             if teacher is None:
                 raise RuntimeError(f"DistillMD's {t} is not in the cache {cache.uri}; train it first")
             teachers.append(unet_eps(teacher.to(device)))
-        position = {int(r): i for i, r in enumerate(job.rows)}  # dataset row -> row of x01
-        halves = tuple(np.array([position[int(r)] for r in h]) for h in job.halves)
-        schedule = DistillSchedule(halves, recipe.batch_size, tuple(teachers), record=schedule_log is not None)
+        schedule = DistillSchedule(plan.half_positions(), recipe.batch_size, tuple(teachers),
+                                   record=schedule_log is not None)
         target_fn, batch_rows = schedule.target, schedule.batch_rows
     ema = train_diffusion(unet, make_scheduler(cfg.model), x01, recipe, seed=job.seed, device=device,
                           target_fn=target_fn, batch_rows=batch_rows)
@@ -153,7 +150,7 @@ def build_systems(plan: DiffusionPlan, cache: ModelCache, device: torch.device |
                   ) -> dict[str, DiffusionSystem]:
     """The enabled systems, from the trained models in the cache."""
     unets = {}
-    for name in {m for s in plan.config.defenses.enabled for m in SYSTEM_MODELS[s]}:
+    for name in plan.jobs:  # exactly the models the enabled systems need
         unet = load_unet(plan, name, cache)
         if unet is None:
             raise RuntimeError(f"diffusion model '{name}' is not in the cache {cache.uri}; train it first")
@@ -196,8 +193,8 @@ class SystemReport:
         return max(self.attacks.values(), key=lambda a: a.metrics.auc)
 
 
-def _result(name: str, member: torch.Tensor, nonmember: torch.Tensor) -> AttackResult:
-    m, n = member.numpy().astype(np.float64), nonmember.numpy().astype(np.float64)
+def _result(name: str, member: torch.Tensor | np.ndarray, nonmember: torch.Tensor | np.ndarray) -> AttackResult:
+    m, n = np.asarray(member, dtype=np.float64), np.asarray(nonmember, dtype=np.float64)
     return AttackResult(name, m, n, AttackMetrics.from_scores(m, n), None)
 
 
@@ -218,7 +215,8 @@ def evaluate_system(plan: DiffusionPlan, system: DiffusionSystem, features: Feat
     """Attack the system white-box on the members vs non-members, sample from it and compute FID."""
     cfg = plan.config
     start = time.perf_counter()
-    abar = make_scheduler(cfg.model).alphas_cumprod.to(device)
+    schedule = make_scheduler(cfg.model)
+    abar = schedule.alphas_cumprod.to(device)
     x = {r: to_model_range(torch.from_numpy(plan.dataset.x[plan.roles[r]])).to(device)
          for r in ("members", "nonmembers")}
 
@@ -231,8 +229,7 @@ def evaluate_system(plan: DiffusionPlan, system: DiffusionSystem, features: Feat
         attacks[a_name] = run(a_name, system.eps)
         grid[a_name] = {t: run(a_name, system.eps, t).metrics.auc for t in cfg.attacks.t_grid}
     if system.parts:
-        position = {int(r): i for i, r in enumerate(plan.roles["members"])}
-        halves = [torch.as_tensor([position[int(r)] for r in h]) for h in plan.halves]
+        halves = [torch.from_numpy(h) for h in plan.half_positions()]
         for part, eps in system.parts.items():
             parts[part] = {a_name: run(a_name, eps) for a_name in cfg.attacks.enabled}
         t1, t2 = system.parts["theta1"], system.parts["theta2"]
@@ -240,11 +237,10 @@ def evaluate_system(plan: DiffusionPlan, system: DiffusionSystem, features: Feat
         for a_name in cfg.attacks.enabled:  # D1 judged by θ2, D2 by θ1; non-members by θ1 (as the official code)
             s1 = attack_scores(a_name, t2, x["members"][halves[0]], abar, cfg.attacks)
             s2 = attack_scores(a_name, t1, x["members"][halves[1]], abar, cfg.attacks)
-            cross[a_name] = _result(a_name, torch.cat([s1, s2]),
-                                    attack_scores(a_name, t1, x["nonmembers"], abar, cfg.attacks))
+            cross[a_name] = _result(a_name, torch.cat([s1, s2]), parts["theta1"][a_name].nonmember_scores)
         parts["cross"] = cross
     s = cfg.sampling
-    images = sample(system.samplers, make_scheduler(cfg.model).betas, s.n_samples, plan.dataset.input_shape,
+    images = sample(system.samplers, schedule.betas, s.n_samples, plan.dataset.input_shape,
                     sampler=s.sampler, steps=s.steps, seed=derive_seed(cfg.seed, "samples"), device=device,
                     batch=s.batch_size)
     real = torch.from_numpy(plan.dataset.x[plan.roles["heldout"]])
