@@ -40,9 +40,10 @@ def main() -> None:
     from raymia.cache import ModelCache
     from raymia.config import parse_config
     from raymia.data.datasets import load_dataset, make_dataset
-    from raymia.orchestration.cluster import connect_ray, release_ray, trial_resources
+    from raymia.orchestration.session import RaySession
     from raymia.orchestration.fanout import produce_on_ray
-    from raymia.pipeline.audit import load_signals, plan_audit
+    from raymia.pipeline.factory import load_signals
+    from raymia.pipeline.plan import plan_audit
 
     if args.data_root:
         dataset, real = load_dataset("cifar10", data_root=args.data_root), True
@@ -68,17 +69,17 @@ def main() -> None:
     })
     plan = plan_audit(cfg, dataset)
     jobs = [j for j in plan.jobs if j.role == "reference"]
-    cluster = connect_ray(cfg.ray)
+    session = RaySession(cfg, {}, lambda s: print(s, flush=True))
     try:
         with tempfile.TemporaryDirectory() as d:
             cache = ModelCache(f"{d}/cache")
             start = time.perf_counter()
-            produce_on_ray(plan, jobs, cache, trial_resources(cfg.compute, cluster), cluster, storage_path=f"{d}/ray",
-                           experiment_name="cifar-pool", echo=lambda s: print(s, flush=True))
+            produce_on_ray(plan, jobs, cache, session, experiment_name="cifar-pool", builders={},
+                           echo=lambda s: print(s, flush=True))
             seconds = time.perf_counter() - start
-            signals, _ = load_signals(plan, cache)
+            signals, _ = load_signals(jobs, plan, cache)
     finally:
-        release_ray(cluster)
+        session.close()
     test = np.isin(plan.scored_indices, plan.split["test"])
     accs = [float((signals[j.job_id].logits[test, 0].argmax(1) == dataset.y[plan.scored_indices[test]]).mean())
             for j in jobs]

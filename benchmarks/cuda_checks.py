@@ -16,7 +16,7 @@ import torch
 def main() -> None:
     from raymia.attacks.diffusion import DiffusionAttackConfig, attack_scores
     from raymia.defenses.diffence import Diffence, DiffenceConfig
-    from raymia.diffusion.model import DiffusionSpec, build_unet, make_scheduler
+    from raymia.diffusion.model import DiffusionSpec, build_unet, make_noise_schedule
     from raymia.diffusion.sampling import sample, unet_eps
     from raymia.machine import describe_machine
     from raymia.models.classifiers import ModelSpec, build_model
@@ -26,7 +26,7 @@ def main() -> None:
     spec = DiffusionSpec(preset="ddpm_cifar")
     shape = (3, 32, 32)
     unet, clf = build_unet(spec, shape, seed=0), build_model(ModelSpec(arch="resnet18"), shape, 10, seed=0)
-    abar = make_scheduler(spec).alphas_cumprod
+    abar = make_noise_schedule(spec).alphas_cumprod
     x = np.random.default_rng(0).random((48, *shape), dtype=np.float32)
     d = Diffence(clf, unet, abar, DiffenceConfig(n=8, scenario=3), device="cuda")
     plain = d.candidates(torch.from_numpy(x))[:, -1]
@@ -39,7 +39,7 @@ def main() -> None:
     small = Diffence(clf, unet, abar, DiffenceConfig(n=8, scenario=3, chunk=7), device="cuda")
     print("chunk 7 vs auto, max |diff|:", float(np.abs(small(x, seed=3) - a).max()))
     eps = unet_eps(unet.cuda())
-    imgs = sample([eps, eps], make_scheduler(spec).betas, 8, shape, steps=10, device="cuda")
+    imgs = sample([eps, eps], make_noise_schedule(spec).betas, 8, shape, steps=10, device="cuda")
     scores = attack_scores("secmi", eps, imgs.cuda() * 2 - 1, abar.cuda(), DiffusionAttackConfig())
     assert imgs.shape == (8, *shape) and torch.isfinite(scores).all()
     print("CUDA checks passed")

@@ -50,7 +50,7 @@ def main() -> None:
 
     from raymia.machine import describe_machine
     from raymia.defenses.diffence import Diffence, DiffenceConfig
-    from raymia.diffusion.model import DiffusionSpec, build_unet, make_scheduler
+    from raymia.diffusion.model import DiffusionSpec, build_unet, make_noise_schedule
     from raymia.models.classifiers import ModelSpec, build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,7 +59,7 @@ def main() -> None:
         ((3, 32, 32), ModelSpec(arch="resnet18"))
     unet = build_unet(spec, shape, seed=0)
     clf = build_model(clf_spec, shape, 10, seed=0)
-    abar = make_scheduler(spec).alphas_cumprod
+    abar = make_noise_schedule(spec).alphas_cumprod
 
     def sync() -> None:
         if device.type == "cuda":

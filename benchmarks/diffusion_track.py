@@ -23,7 +23,7 @@ def main() -> None:
     import torch
 
     from raymia.attacks.diffusion import DIFFUSION_ATTACKS, DiffusionAttackConfig, attack_scores
-    from raymia.diffusion.model import DiffusionSpec, build_unet, make_scheduler
+    from raymia.diffusion.model import DiffusionSpec, build_unet, make_noise_schedule
     from raymia.diffusion.sampling import sample, unet_eps
     from raymia.diffusion.train import DiffusionRecipe, train_diffusion
     from raymia.machine import describe_machine
@@ -31,7 +31,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = (1, 8, 8) if args.preset == "tiny" else (3, 32, 32)
     spec = DiffusionSpec(preset=args.preset)
-    sched = make_scheduler(spec)
+    sched = make_noise_schedule(spec)
 
     def sync() -> None:
         if device.type == "cuda":

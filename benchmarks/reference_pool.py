@@ -30,12 +30,12 @@ def main() -> None:
     from raymia.cache import ModelCache
     from raymia.config import parse_config
     from raymia.data.datasets import load_dataset
-    from raymia.orchestration.cluster import connect_ray, release_ray, trial_resources
+    from raymia.orchestration.session import RaySession
     from raymia.orchestration.fanout import produce_on_ray
-    from raymia.pipeline.audit import plan_audit
+    from raymia.pipeline.plan import plan_audit
 
     dataset = load_dataset("digits")
-    cluster = connect_ray(parse_config({"targets": [{"name": "x"}]}).ray)
+    session = RaySession(parse_config({"targets": [{"name": "x"}]}), {}, lambda s: None)
     rows = []
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -51,15 +51,14 @@ def main() -> None:
                 })
                 plan = plan_audit(cfg, dataset)
                 jobs = [j for j in plan.jobs if j.role == "reference"]
-                resources = trial_resources(cfg.compute, cluster)
                 start = time.perf_counter()
-                done = produce_on_ray(plan, jobs, ModelCache(f"{d}/{len(rows)}"), resources, cluster,
-                                      storage_path=f"{d}/ray", experiment_name=f"bench-{len(rows)}",
+                done = produce_on_ray(plan, jobs, ModelCache(f"{d}/{len(rows)}"), session,
+                                      experiment_name=f"bench-{len(rows)}", builders={}, reuse=False,
                                       reuse_actors=reuse_actors, echo=lambda s: None)
                 seconds = time.perf_counter() - start
-                rows.append((arm, done["trials"], seconds, 60 * len(jobs) / seconds))
+                rows.append((arm, done.trials, seconds, 60 * len(jobs) / seconds))
     finally:
-        release_ray(cluster)
+        session.close()
     print(f"machine: {describe_machine()}")
     print(f"{args.k} digits MLPs (64-{args.hidden}-10, {args.epochs} epochs, batch 64, 898-sample pool halves); "
           f"each model: train + outputs on all scored samples")

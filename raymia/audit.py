@@ -1,63 +1,114 @@
-"""Run one whole audit: data -> plan -> models (cache, Ray Tune) -> attacks -> MLflow -> summary table.
+"""Run one whole audit and report it: data -> plan -> the recipe per configuration -> MLflow -> decision.
 
-This is the only module that wires the layers together; ``raymia audit`` and ``jobs/audit.py`` call
-:func:`run_audit`, ``raymia rescore`` calls :func:`rescore_run`.
+Two modes, two functions, one result type: :func:`audit_targets` (the configurations listed under ``targets``)
+and :func:`audit_sweep` (a ``sweep`` over defenses); :func:`run_audit` picks the one the config asks for.
+Each runs on Ray (fan-out over the cluster) or, with ``local=True``, in this process without importing Ray;
+either way every configuration is audited by :mod:`raymia.pipeline.recipe`. :func:`rescore_run` re-scores a
+finished audit from its stored outputs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import json
+import importlib.metadata
 import sys
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
-from torch import nn
-
 import raymia
-from raymia.cache import ModelCache, content_key
-from raymia.config import AuditConfig, FrontierConfig, TargetConfig, TrackingConfig, apply_overrides, parse_config
-from raymia.defenses import make_defense
+from raymia.cache import ModelCache
+from raymia.config import (
+    AuditConfig,
+    FrontierConfig,
+    TargetConfig,
+    TrackingConfig,
+    apply_overrides,
+    parse_config,
+)
 from raymia.errors import UserError
-from raymia.orchestration.session import phase, ray_session, storage_path
-from raymia.orchestration.fanout import group_jobs, plugin_builders, produce_on_ray, run_tasks, trial_slots
-from raymia.pipeline.diffence_audit import (calibrate, diffence_report, diffusion_artifacts, ensure_diffusion_model,
-                                            load_diffusion_model, produce_diffence_signals)
-from raymia.training.device import resolve_device
 from raymia.frontier import Point, choose_champion, leakage_of, pareto_front
-from raymia.orchestration.sweep import check_sweep, run_sweep
-from raymia.pipeline.audit import (AuditPlan, TargetReport, assemble_pool, evaluate_pool, jobs_for_target,
-                                   load_signals, plan_audit)
+from raymia.keys import content_key
+from raymia.pipeline.diffence_audit import load_diffusion_model
+from raymia.pipeline.evaluate import TargetReport, evaluate_pool
+from raymia.pipeline.factory import Builders, load_trained
+from raymia.pipeline.plan import (
+    AuditPlan,
+    jobs_for_target,
+    plan_audit,
+    plugin_builders,
+    sweep_targets,
+)
+from raymia.pipeline.recipe import (
+    UtilityResult,
+    audit_locally,
+    phase,
+    utility_configuration,
+)
 from raymia.quiet import quiet_defaults
-from raymia.report import close, figure_png, frontier_figure, html_report, roc_figure, score_histograms, summary_table
+from raymia.registry import model_artifacts, unet_artifacts
+from raymia.report import figure_png, frontier_figure, html_report, roc_png, summary_table
 from raymia.signals import PoolSignals
-from raymia.tracking import AuditRun, audit_run, flat_params, open_run, register_champion, resolve_tracking_uri
+from raymia.tracking import (
+    FRONTIER_PLOT,
+    SIGNALS_FILE,
+    SPLIT_FILE,
+    TARGET_FILE,
+    AuditRun,
+    audit_run,
+    flat_params,
+    open_run,
+    resolve_tracking_uri,
+    target_params,
+)
+from raymia.training.device import resolve_device
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """Models an audit trained and reused; Ray nodes its trials ran on (0 when local); sweep configurations
+    restored from an interrupted run. ``None``: not known (a sweep's trials report only what they trained)."""
+
+    trained: int
+    reused: int | None = None
+    nodes: int = 0
+    restored: int | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The privacy-utility frontier over the audited configurations and the champion (with the reason)."""
+
+    points: list[Point]
+    front: list[Point]
+    champion: tuple[Point, str] | None = None
 
 
 @dataclass(frozen=True)
 class AuditOutcome:
-    """What an audit returns: the MLflow parent run, one report per target, seconds per phase, cache use."""
+    """What an audit returns: the MLflow parent run, one report per audited configuration (``+diffence``
+    variants included), utility-only results, seconds per phase, model counts and the decision."""
 
     run_id: str
     tracking_uri: str
     reports: list[TargetReport]
     timings: dict[str, float]
-    models: dict[str, int]
-    champion: tuple[Point, str] | None = None
-    utility: list[dict] = dataclasses.field(default_factory=list)
+    models: ModelCounts
+    utility: list[UtilityResult] = field(default_factory=list)
+    decision: Decision | None = None
     report_path: Path | None = None
-    points: list[Point] = dataclasses.field(default_factory=list)
-    front: list[Point] = dataclasses.field(default_factory=list)
     frontier: FrontierConfig | None = None
 
+    @property
+    def champion(self) -> tuple[Point, str] | None:
+        return self.decision.champion if self.decision else None
+
     def table_rows(self) -> list[dict]:
-        leak = {p.name: p for p in self.points}
-        front = {p.name for p in self.front}
+        leak = {p.name: p for p in self.decision.points} if self.decision else {}
+        front = {p.name for p in self.decision.front} if self.decision else set()
         rows = []
         for r in self.reports:
             best = r.best_attack()
@@ -71,7 +122,7 @@ class AuditOutcome:
 
     def summary(self) -> str:
         if not self.reports:  # utility-only sweep: no attacks ran
-            lines = [f"{u['target']:<40} test acc {u.get('test_acc', float('nan')):.3f}" for u in self.utility]
+            lines = [f"{u.target.name:<40} test acc {u.test_acc:.3f}" for u in self.utility]
             return "\n".join([*lines, f"MLflow parent run: {self.run_id}"])
         rows = self.table_rows()
         n_non = rows[0]["n_nonmembers"]
@@ -87,152 +138,157 @@ class AuditOutcome:
                                         f"MLflow parent run: {self.run_id}"]))
 
 
-def _target_params(cfg: AuditConfig, plan_params: dict, report: TargetReport) -> dict:
-    t = report.target
-    return {
-        **plan_params, "arch": t.model.arch, "defense": t.defense.name,
-        "inference_defense": (report.inference or {}).get("name", "none"),
-        **flat_params("inference", {k: v for k, v in (report.inference or {}).items() if k != "name"}),
-        **flat_params("defense", t.defense.model_dump(exclude={"name"})),
-        "reference.count": cfg.reference.count, "reference.pkeep": cfg.reference.pkeep,
-        "attacks.enabled": ",".join(cfg.attacks.enabled), "attacks.queries": ",".join(cfg.attacks.queries),
-        "attacks.loo_targets": cfg.attacks.loo_targets,
-        "attacker": "adaptive: reference models trained with the target's exact recipe",
-        **flat_params("model.params", t.model.params), **flat_params("train", t.train.model_dump()),
-        **flat_params("attacks", cfg.attacks.knobs().model_dump()),
-    }
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
-def _log_target(run: AuditRun, cfg: AuditConfig, report: TargetReport, params: dict,
-                model_files: dict[str, bytes]) -> str:
-    t = report.target
-    scores = io.BytesIO()
-    report.scores.to_parquet(scores, index=False)
-    figures = {"plots/roc_loglog.png": roc_figure(report.attacks, f"{t.name}: attacks on the target"),
-               "plots/score_histograms.png": score_histograms(report.attacks, f"{t.name}: member vs non-member")}
-    with tempfile.TemporaryDirectory() as d:
-        signals = report.pool.to_parquet(Path(d) / "pool.parquet")
-        try:
-            return run.log_target(report, params=params, figures=figures, files={
-                "scores/per_sample.parquet": scores.getvalue(), "signals/pool.parquet": signals, **model_files})
-        finally:
-            for fig in figures.values():
-                close(fig)
+@dataclass
+class _Started:
+    """An audit under way: its config, plan, cache, MLflow parent run and the facts every child records."""
+
+    cfg: AuditConfig
+    plan: AuditPlan
+    cache: ModelCache
+    run: AuditRun
+    tracking_uri: str
+    output_dir: Path
+    timings: dict[str, float]
+    builders: Builders
+    plan_params: dict[str, object]
+    say: Echo
+    targets: list[TargetConfig]  # the configurations to audit: ``targets``, or the sweep's, expanded
+
+    @property
+    def device(self):  # noqa: ANN201 - a torch.device
+        return resolve_device(self.cfg.compute.device)
 
 
-def _model_files(plan: AuditPlan, cache: ModelCache, target: TargetConfig) -> dict[str, bytes]:
-    """The target's weights (safetensors) and architecture spec: loadable without unpickling code."""
-    from safetensors.torch import save
-
-    job = jobs_for_target(plan, target)[0]
-    cached = cache.load_model(job.key)
-    model = make_defense(target.defense).model_spec(target.model)
-    spec = {"arch": model.arch, "params": model.params, "input_shape": list(plan.dataset.input_shape),
-            "num_classes": plan.dataset.num_classes}
-    files = {"model/spec.json": json.dumps(spec, indent=2).encode()}
-    if cached is not None:
-        files["model/model.safetensors"] = save(cached[0])
-    return files
+def _ray_version() -> str:
+    try:
+        return importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
-def _produce_targets(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, run: AuditRun, timings: dict[str, float],
-                     say: Callable[[str], None]) -> tuple[list[TargetReport], dict[str, int]]:
-    """Audit mode: reuse cached models, train the rest in groups per Tune trial, attack each target here."""
-    with phase(timings, "cache_lookup"):
-        signals, missing = load_signals(plan, cache) if cfg.cache.reuse else ({}, list(plan.jobs))
-    totals: dict = {"trained": 0, "reused": len(signals), "nodes": set()}
-    if missing:
-        what = f"{len(missing)} models to produce, {len(signals)} from the cache"
-        with ray_session(cfg, timings, say, what) as (cluster, res):
-            with phase(timings, "training"):
-                done = produce_on_ray(plan, missing, cache, res, cluster, storage_path=storage_path(cfg),
-                                      experiment_name=f"{cfg.name}-{run.run_id}", echo=say)
-        totals["trained"], totals["reused"] = done["trained"], totals["reused"] + done["reused"]
-        totals["nodes"] = done["nodes"]
-        signals, missing = load_signals(plan, cache)
-        if missing:
-            raise RuntimeError(f"{len(missing)} models have no outputs in the cache after training, e.g. "
-                               f"{missing[0].job_id}; is cache.uri reachable from every Ray node?")
-    else:
-        say(f"all {len(plan.jobs)} models found in the cache {cache.uri}; nothing to train")
-    with phase(timings, "attacks"):
-        reports = [evaluate_pool(cfg, t, assemble_pool(plan, t, signals)) for t in cfg.targets]
-    return reports, totals
+@contextmanager
+def _start(cfg: AuditConfig, say: Echo, *, local: bool) -> Iterator[_Started]:
+    """Load the data, plan, open the MLflow parent run and log the split and the audit's params."""
+    quiet_defaults()
+    timings: dict[str, float] = {}
+    with phase(timings, "data"):
+        dataset = cfg.data.load()
+        plan = plan_audit(cfg, dataset)
+        builders = plugin_builders(cfg)
+        targets = list(cfg.targets) if cfg.sweep is None else sweep_targets(cfg, dataset)
+    output_dir = cfg.output_dir.expanduser().resolve()
+    cache = ModelCache(cfg.cache.uri or output_dir / "cache")
+    tracking_uri = resolve_tracking_uri(cfg.tracking)
+    what = (f"{len(cfg.targets)} targets x (1 + {cfg.reference.count} reference models) = {len(plan.jobs)} models"
+            if cfg.sweep is None else f"a sweep over {len(cfg.sweep.defenses)} defense entries "
+            f"(objective: {cfg.sweep.objective}), 1 + {cfg.reference.count} models per configuration")
+    where = "in this process (no Ray)" if local else "on Ray"
+    say(f"raymia {raymia.__version__}: audit '{cfg.name}' on {dataset.name} ({len(dataset)} samples, split "
+        f"{plan.split.sizes()}); {what}; {where}; cache {cache.uri}; tracking {tracking_uri}")
+    with audit_run(cfg, tracking_uri) as run:
+        split_file = plan.split.to_parquet(output_dir / run.run_id / "split.parquet")
+        run.log_files({SPLIT_FILE: split_file})
+        plan_params = {"dataset": dataset.name, "seed": cfg.seed, "split_hash": plan.split.content_hash(),
+                       "data_fingerprint": plan.split.data_fingerprint, "raymia_version": raymia.__version__}
+        run.log_params({**plan_params, "ray_version": _ray_version(), "mode": "sweep" if cfg.sweep else "targets",
+                        "runner": "local" if local else "ray",
+                        "targets": ",".join(t.name for t in cfg.targets), "reference.count": cfg.reference.count,
+                        "cache": cache.uri, **{f"split.n_{role}": n for role, n in plan.split.sizes().items()}})
+        yield _Started(cfg, plan, cache, run, tracking_uri, output_dir, timings, builders, plan_params, say, targets)
 
 
-def _timed(fn: Callable[[], object]) -> Callable[[], dict]:
-    def run() -> dict:
-        start = time.perf_counter()
-        fn()
-        return {"seconds": time.perf_counter() - start}
-    return run
+def _model_files(s: _Started, target: TargetConfig) -> dict[str, bytes]:
+    """The target's weights and architecture spec, in the registry's format."""
+    job = jobs_for_target(s.plan, target)[0]
+    loaded = load_trained(job, s.plan.dataset, s.cache, s.builders)
+    return model_artifacts(job.spec, s.plan.dataset.input_shape, s.plan.dataset.num_classes,
+                           loaded[0].state_dict() if loaded else None)
 
 
-def _ensure_diffusion_on_ray(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, resources: dict, run: AuditRun,
-                             say: Callable[[str], None]) -> nn.Module:
-    """The audit's diffusion model: from the cache, or trained as a Tune trial (which stores it there) first."""
-    unet = load_diffusion_model(plan, cache)
-    if unet is not None:
-        return unet
-    say(f"training the diffusion model ({cfg.diffence.train.steps} steps) for DIFFENCE")
-    device = cfg.compute.device
-    run_tasks({"diffusion-model": _timed(lambda: ensure_diffusion_model(plan, cache, device=resolve_device(device)))},
-              resources, storage_path=storage_path(cfg), experiment_name=f"{cfg.name}-{run.run_id}-diffusion", echo=say)
-    unet = load_diffusion_model(plan, cache)
-    if unet is None:
-        raise RuntimeError("the diffusion model is not in the cache after training; is cache.uri reachable from "
-                           "every Ray node?")
-    return unet
-
-
-def _diffence_variants(plan: AuditPlan, cache: ModelCache, cfg: AuditConfig, run: AuditRun,
-                       timings: dict[str, float], say: Callable[[str], None], builders: dict
-                       ) -> tuple[list[TargetReport], nn.Module]:
-    """Audit every target again through DIFFENCE: diffusion model, calibration, every model's outputs, attacks.
-    Returns the reports and the diffusion model."""
-    with ray_session(cfg, timings, say, "DIFFENCE outputs") as (cluster, resources):
-        with phase(timings, "diffence"):
-            unet = _ensure_diffusion_on_ray(plan, cache, cfg, resources, run, say)
-            intervals = {t.name: calibrate(plan, jobs_for_target(plan, t)[0], unet, cache, builders=builders)
-                         for t in cfg.targets}
-            groups = group_jobs(plan.jobs, slots=trial_slots(cluster, resources), models_per_trial=None)
-            device = cfg.compute.device
-            tasks = {f"{g[0].target.name}#{i}": _timed(lambda g=g: produce_diffence_signals(
-                g, plan, unet, intervals[g[0].target.name], cache, device=resolve_device(device), builders=builders))
-                for i, g in enumerate(groups)}
-            run_tasks(tasks, resources, storage_path=storage_path(cfg), experiment_name=f"{cfg.name}-{run.run_id}-diffence",
-                      echo=say)
-    with phase(timings, "attacks"):
-        return [diffence_report(plan, t, intervals[t.name], cache) for t in cfg.targets], unet
-
-
-def _decide(run: AuditRun, cfg: AuditConfig, reports: list[TargetReport], child_ids: dict[str, str],
-            report_dir: Path, say: Callable[[str], None]) -> tuple[list[Point], list[Point], tuple[Point, str] | None]:
+def _decide(s: _Started, reports: list[TargetReport], child_ids: dict[str, str], rocs: dict[str, bytes]) -> Decision:
     """Frontier figure and table, ``report.html``, and the champion (registered in the MLflow Model Registry)."""
+    cfg, run, say = s.cfg, s.run, s.say
     fr = cfg.frontier
     leak_name = f"{fr.leakage} of {'the strongest attack' if fr.attack == 'best' else fr.attack}"
     points = [Point(r.target.name, r.target.defense.name, r.test_acc, leakage_of(r, fr), child_ids.get(r.target.name))
               for r in reports]
     front = pareto_front(points)
     champion = choose_champion(points, cfg.champion, leak_name) if cfg.champion else None
-    figures = {"plots/frontier.png": frontier_figure(points, front, leak_name, champion[0] if champion else None)}
+    figure = frontier_figure(points, front, leak_name, champion[0] if champion else None)
     rows = [{"configuration": p.name, "defense": p.defense, "test_acc": p.test_acc, "leakage": p.leakage,
              "on_front": p in front, "champion": bool(champion and p == champion[0]), "run_id": p.run_id}
             for p in points]
-    html = html_report(cfg.name, run.run_id, reports, rows, leak_name, figures, champion)
+    html = html_report(cfg.name, run.run_id, reports, rows, leak_name, {FRONTIER_PLOT: figure}, rocs, champion)
+    report_dir = s.output_dir / run.run_id
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "report.html").write_text(html)
-    (report_dir / "frontier.png").write_bytes(figure_png(figures["plots/frontier.png"]))
-    for path, fig in figures.items():
-        run.client.log_figure(run.run_id, fig, path)
-        close(fig)
-    run.log_files({"report.html": html.encode(), "frontier.json": json.dumps(rows, indent=2).encode()})
+    (report_dir / "frontier.png").write_bytes(figure_png(figure))
+    run.log_decision(html=html, rows=rows, figures={FRONTIER_PLOT: figure})
     if champion:
         win, why = champion
-        version = register_champion(run, cfg.champion.registry_name, win.run_id)
+        version = run.register_champion(cfg.champion.registry_name, win.run_id)
         say(f"champion: {win.name} (child run {win.run_id}) — {why}; registered as "
             f"models:/{cfg.champion.registry_name}@champion (version {version})")
-    return points, front, champion
+    return Decision(points, front, champion)
+
+
+def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
+            utility: list[UtilityResult] | None = None, failed: list[tuple[str, str]] | None = None) -> AuditOutcome:
+    """Log every configuration as a child run, decide, log the parent's metrics; the outcome."""
+    cfg, run, failed, utility = s.cfg, s.run, failed or [], utility or []
+    if cfg.diffence is not None and (unet := load_diffusion_model(s.plan, s.cache)) is not None:
+        run.log_files(unet_artifacts(unet))
+        run.log_params(flat_params("diffence", cfg.diffence.model_dump(mode="json", exclude={"train", "model"})))
+    child_ids: dict[str, str] = {}
+    with phase(s.timings, "tracking"):
+        rocs = {r.target.name: roc_png(r) for r in reports}
+        for report in reports:
+            child_ids[report.target.name] = run.log_target(report, params=target_params(cfg, report, s.plan_params),
+                                                           model_files=_model_files(s, report.target),
+                                                           roc=rocs[report.target.name])
+        for result in utility:
+            run.log_utility_child(result)
+        for name, error in failed:
+            run.log_failed_child(name, error)
+    decision = None
+    if reports:
+        with phase(s.timings, "decision"):
+            decision = _decide(s, reports, child_ids, rocs)
+    run.log_metrics({**{f"time.{k}_s": v for k, v in s.timings.items()}, "models.trained": models.trained,
+                     **({"models.reused": models.reused} if models.reused is not None else {}),
+                     **({"configurations.restored": models.restored} if models.restored is not None else {}),
+                     "configurations.failed": len(failed), "cluster.nodes_used": models.nodes})
+    if failed:
+        s.say(f"{len(failed)} configurations failed: " + "; ".join(f"{n}: {e.splitlines()[0]}" for n, e in failed))
+    return AuditOutcome(run_id=run.run_id, tracking_uri=s.tracking_uri, reports=reports, timings=s.timings,
+                        models=models, utility=utility, decision=decision,
+                        report_path=s.output_dir / run.run_id / "report.html" if reports else None,
+                        frontier=cfg.frontier)
+
+
+def audit_targets(cfg: AuditConfig, *, local: bool = False, echo: Echo | None = None) -> AuditOutcome:
+    """Audit every configuration under ``targets``: on Ray, the models are first produced in parallel on the
+    cluster (whatever the cache lacks), then the recipe runs per configuration on the driver."""
+    say = echo or _stderr
+    with _start(cfg, say, local=local) as s:
+        nodes, trained = 0, None
+        if not local:
+            from raymia.orchestration.fanout import fan_out_audit
+            from raymia.orchestration.session import ray_session
+
+            with ray_session(cfg, s.timings, say) as session:
+                totals = fan_out_audit(s.plan, s.cache, session, experiment_name=f"{cfg.name}-{s.run.run_id}",
+                                       builders=s.builders, timings=s.timings, echo=say)
+            nodes, trained = len(totals.nodes), totals.trained
+        audits, _ = audit_locally(s.plan, s.targets, s.cache, device=s.device, builders=s.builders,
+                                  timings=s.timings, echo=say if local else lambda line: None)
+        trained = sum(a.trained for a in audits) if trained is None else trained
+        models = ModelCounts(trained=trained, reused=len(s.plan.jobs) - trained, nodes=nodes)
+        return _finish(s, reports=[r for a in audits for r in a.reports], models=models)
 
 
 def sweep_experiment(cfg: AuditConfig) -> str:
@@ -241,88 +297,56 @@ def sweep_experiment(cfg: AuditConfig) -> str:
     return f"{cfg.name}-sweep-{content_key(cfg.model_dump(mode='json', exclude={'tracking', 'ray'}))[:16]}"
 
 
-def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] | None = None) -> AuditOutcome:
-    """Run the audit ``cfg`` end to end and return its outcome; progress lines go to ``echo`` (stderr)."""
-    say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    quiet_defaults()
-    timings: dict[str, float] = {}
-    with phase(timings, "data"):
-        dataset = cfg.data.load()
-        plan = plan_audit(cfg, dataset)
-        if cfg.sweep is not None:
-            check_sweep(plan)
-    output_dir = cfg.output_dir.expanduser().resolve()
-    cache = ModelCache(cfg.cache.uri or output_dir / "cache")
-    tracking_uri = resolve_tracking_uri(cfg.tracking)
-    what = (f"{len(cfg.targets)} targets x (1 + {cfg.reference.count} reference models) = {len(plan.jobs)} models"
-            if cfg.sweep is None else f"a sweep over {len(cfg.sweep.defenses)} defense entries "
-            f"(objective: {cfg.sweep.objective}), 1 + {cfg.reference.count} models per configuration")
-    say(f"raymia {raymia.__version__}: audit '{cfg.name}' on {dataset.name} ({len(dataset)} samples, split "
-        f"{plan.split.sizes()}); {what}; cache {cache.uri}; tracking {tracking_uri}")
-    with audit_run(cfg, tracking_uri) as run:
-        split_file = plan.split.to_parquet(output_dir / run.run_id / "split.parquet")
-        run.log_files({"split/split.parquet": split_file})
-        plan_params = {"dataset": dataset.name, "seed": cfg.seed, "split_hash": plan.split.content_hash(),
-                       "data_fingerprint": plan.split.data_fingerprint, "raymia_version": raymia.__version__}
-        run.log_params({**plan_params, "ray_version": ray.__version__, "mode": "sweep" if cfg.sweep else "targets",
-                        "targets": ",".join(t.name for t in cfg.targets), "reference.count": cfg.reference.count,
-                        "cache": cache.uri, **{f"split.n_{role}": n for role, n in plan.split.sizes().items()}})
-        failed: list[tuple[str, str]] = []
-        finals: list[dict] = []
-        builders = plugin_builders(plan)
-        unet = None
-        if cfg.sweep is None:
-            reports, totals = _produce_targets(plan, cache, cfg, run, timings, say)
+def audit_sweep(cfg: AuditConfig, *, local: bool = False, echo: Echo | None = None) -> AuditOutcome:
+    """Audit (or, ``objective: utility``, only train) every configuration of the ``sweep``: one Ray Tune trial
+    each, or one after another in this process."""
+    say = echo or _stderr
+    with _start(cfg, say, local=local) as s:
+        targets = s.targets
+        utility_only = cfg.sweep.objective == "utility"
+        if local:
+            if utility_only:
+                utility = [utility_configuration(s.plan, t, device=s.device, builders=s.builders) for t in targets]
+                return _finish(s, reports=[], utility=utility, models=ModelCounts(trained=len(targets)))
+            audits, failed = audit_locally(s.plan, targets, s.cache, device=s.device, builders=s.builders,
+                                           timings=s.timings, echo=say)
+            trained = sum(a.trained for a in audits)
+            return _finish(s, reports=[r for a in audits for r in a.reports], failed=failed,
+                           models=ModelCounts(trained=trained, reused=sum(a.reused for a in audits)))
+        from raymia.orchestration.fanout import diffusion_model_on_ray
+        from raymia.orchestration.session import ray_session, storage_path
+        from raymia.orchestration.tune_sweep import run_sweep
+
+        with ray_session(cfg, s.timings, say) as session:
+            _, resources = session.connect("one Tune trial per configuration")
             if cfg.diffence is not None:
-                defended, unet = _diffence_variants(plan, cache, cfg, run, timings, say, builders)
-                reports += defended
-        else:
-            with ray_session(cfg, timings, say, "one Tune trial per configuration") as (cluster, resources):
-                if cfg.diffence is not None:
-                    unet = _ensure_diffusion_on_ray(plan, cache, cfg, resources, run, say)
-                with phase(timings, "training"):
-                    reports, finals, failed = run_sweep(plan, cache, resources, storage_path=storage_path(cfg),
-                                                        experiment_name=sweep_experiment(cfg), echo=say,
-                                                        token=run.run_id)
-            mine = [f for f in finals if f.get("run_token") == run.run_id]  # not restored from an earlier driver
-            totals = {"trained": sum(int(f.get("trained", 0)) for f in mine), "reused": -1,
-                      "nodes": {f["node"] for f in finals if "node" in f},
-                      "restored": len(finals) - len(mine)}
-        if unet is not None:
-            run.log_files(diffusion_artifacts(unet))
-            run.log_params(flat_params("diffence", cfg.diffence.model_dump(mode="json", exclude={"train", "model"})))
-        child_ids: dict[str, str] = {}
-        with phase(timings, "tracking"):
-            for report in reports:
-                child_ids[report.target.name] = _log_target(run, cfg, report, _target_params(cfg, plan_params, report),
-                                                            _model_files(plan, cache, report.target))
-            if cfg.sweep is not None and cfg.sweep.objective == "utility":
-                for final in finals:
-                    run.log_utility_child(final["target"], final)
-            for name, error in failed:
-                run.log_failed_child(name, error)
-        champion, points, front = None, [], []
-        if reports:
-            with phase(timings, "decision"):
-                points, front, champion = _decide(run, cfg, reports, child_ids, output_dir / run.run_id, say)
-        run.log_metrics({**{f"time.{k}_s": v for k, v in timings.items()}, "models.trained": totals["trained"],
-                         **({"models.reused": totals["reused"]} if totals["reused"] >= 0 else {}),
-                         **({"configurations.restored": totals["restored"]} if "restored" in totals else {}),
-                         "configurations.failed": len(failed), "cluster.nodes_used": len(totals["nodes"])})
-        if failed:
-            say(f"{len(failed)} configurations failed: " + "; ".join(f"{n}: {e.splitlines()[0]}" for n, e in failed))
-    return AuditOutcome(run.run_id, tracking_uri, reports, timings, totals, champion, finals,
-                        output_dir / run.run_id / "report.html", points, front, cfg.frontier)
+                diffusion_model_on_ray(s.plan, s.cache, session, experiment_name=f"{cfg.name}-{s.run.run_id}-diffusion",
+                                       echo=say)
+            with phase(s.timings, "training"):
+                out = run_sweep(s.plan, targets, s.cache, resources, builders=s.builders,
+                                storage_path=storage_path(cfg), experiment_name=sweep_experiment(cfg), echo=say,
+                                token=s.run.run_id)
+        mine = [f for f in out.finals if f.get("run_token") == s.run.run_id]  # not restored from an earlier driver
+        models = ModelCounts(trained=sum(int(f.get("trained", 0)) for f in mine),
+                             nodes=len({f["node"] for f in out.finals if "node" in f}),
+                             restored=len(out.finals) - len(mine))
+        return _finish(s, reports=out.reports, utility=out.utility, failed=out.failed, models=models)
+
+
+def run_audit(cfg: AuditConfig, *, local: bool = False, echo: Echo | None = None) -> AuditOutcome:
+    """Run the audit ``cfg`` end to end (``local``: in this process, without Ray); progress goes to ``echo``."""
+    run = audit_targets if cfg.sweep is None else audit_sweep
+    return run(cfg, local=local, echo=echo)
 
 
 def rescore_run(run_id: str, overrides: list[str] | None = None, *, tracking_uri: str | None = None,
-                echo: Callable[[str], None] | None = None) -> AuditOutcome:
+                echo: Echo | None = None) -> AuditOutcome:
     """Re-score a finished audit from its stored signals (no training), optionally with new attack knobs.
 
     ``overrides`` may only touch ``attacks.*``. The result is a new parent run tagged
     ``raymia.rescored_from = run_id`` with one child per target, as an audit logs them.
     """
-    say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    say = echo or _stderr
     for item in overrides or []:
         if not item.startswith("attacks."):
             raise UserError(f"--set '{item}': rescoring can only change attacks.* (the models are fixed)")
@@ -337,15 +361,15 @@ def rescore_run(run_id: str, overrides: list[str] | None = None, *, tracking_uri
             reports = []
             with phase(timings, "attacks"):
                 for child in children:
-                    pool = PoolSignals.from_parquet(source.download(child.info.run_id, "signals/pool.parquet", d))
-                    target_file = Path(source.download(child.info.run_id, "target.json", d))
+                    pool = PoolSignals.from_parquet(source.download(child.info.run_id, SIGNALS_FILE, d))
+                    target_file = Path(source.download(child.info.run_id, TARGET_FILE, d))
                     target = TargetConfig.model_validate_json(target_file.read_text())
                     reports.append(evaluate_pool(cfg, target, pool))
             with phase(timings, "tracking"):
                 for report, child in zip(reports, children):
                     params = {k: v for k, v in child.data.params.items()
                               if not k.startswith("attacks") and k != "attacker"}
-                    _log_target(run, cfg, report, {**_target_params(cfg, params, report), **params}, {})
+                    run.log_target(report, params={**target_params(cfg, report, params), **params}, model_files={})
             run.log_metrics({f"time.{k}_s": v for k, v in timings.items()})
-    return AuditOutcome(run.run_id, uri, reports, timings, {"trained": 0, "reused": 0})
-
+    return AuditOutcome(run_id=run.run_id, tracking_uri=uri, reports=reports, timings=timings,
+                        models=ModelCounts(trained=0, reused=0))

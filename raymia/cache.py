@@ -9,6 +9,7 @@ and a corrupted or truncated entry counts as missing (and is retrained).
 Layout under the root (a local path or a URI such as ``s3://bucket/raymia-cache``):
 
     models/<kk>/<key>.safetensors  (+ .sha256)      signals/<kk>/<key>-<views>.npz  (+ .sha256)
+    records/<kk>/<key>.json  (+ .sha256)            small results derived from models (e.g. a DIFFENCE interval)
 """
 
 from __future__ import annotations
@@ -33,16 +34,6 @@ def safe_open_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` header of serialized safetensors bytes."""
     header_len = int.from_bytes(data[:8], "little")
     return json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
-
-
-def content_key(payload: dict[str, Any]) -> str:
-    """SHA-256 of a JSON-serialisable description (numpy arrays hashed by their bytes)."""
-    def default(o: Any) -> Any:
-        if isinstance(o, np.ndarray):
-            return {"sha256": hashlib.sha256(np.ascontiguousarray(o).tobytes()).hexdigest(), "dtype": str(o.dtype)}
-        raise TypeError(type(o).__name__)
-
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=default).encode()).hexdigest()
 
 
 class ModelCache:
@@ -122,3 +113,12 @@ class ModelCache:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             extra = json.loads(str(z["extra"])) if "extra" in z.files else {}
             return ModelSignals(z["logits"], z["label_only"], extra)
+
+    # ------------------------------------------------------------------------------------------ records
+    def save_record(self, key: str, record: dict[str, Any]) -> None:
+        """Store a small JSON-serialisable result under ``key``."""
+        self._write(self._path("records", key, ".json"), json.dumps(record, sort_keys=True).encode())
+
+    def load_record(self, key: str) -> dict[str, Any] | None:
+        data = self._read(self._path("records", key, ".json"))
+        return None if data is None else json.loads(data)

@@ -1,9 +1,10 @@
 """``raymia`` command line.
 
-    raymia audit CONFIG [--set key=value ...]        run a privacy audit
-    raymia validate CONFIG [--set key=value ...]     check a config without running anything
-    raymia rescore RUN_ID [--set attacks.x=y ...]    re-score a finished audit from its stored model outputs
-    raymia diffusion-audit CONFIG [--set ...] [--validate]   audit diffusion models (undefended / DualMD / DistillMD)
+    raymia audit CONFIG [--set key=value ...] [--local]    run a privacy audit (--local: in this process, no Ray)
+    raymia validate CONFIG [--set key=value ...]           check a config without running anything
+    raymia rescore RUN_ID [--set attacks.x=y ...]          re-score a finished audit from its stored model outputs
+    raymia diffusion-audit CONFIG [--set ...] [--validate] [--local]   audit diffusion models (undefended / DualMD /
+                                                           DistillMD)
 
 Exit codes: 0 success, 2 a problem in the user's input (message names the field and the fix), 1 a bug.
 """
@@ -17,6 +18,8 @@ from raymia.errors import UserError
 from raymia.quiet import quiet_defaults
 
 EXIT_USER_ERROR = 2
+LOCAL_HELP = ("run everything in this process, one model after another, without Ray (nothing imports it): for a "
+              "notebook, a debugger or a machine without Ray; same results as the Ray run")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,12 +31,15 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("config", help="path of the YAML config, e.g. configs/quickstart.yaml")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set reference.count=32 (repeatable)")
+        if name == "audit":
+            c.add_argument("--local", action="store_true", help=LOCAL_HELP)
     d = sub.add_parser("diffusion-audit", help="audit diffusion models: undefended, DualMD and DistillMD DDPMs "
                                                "under loss / SecMI / PIA attacks, with FID")
     d.add_argument("config", help="path of the YAML config, e.g. configs/diffusion-quickstart.yaml")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=500 (repeatable)")
     d.add_argument("--validate", action="store_true", help="check the config and exit without running anything")
+    d.add_argument("--local", action="store_true", help=LOCAL_HELP)
     r = sub.add_parser("rescore", help="re-score a finished audit from its stored outputs, without retraining")
     r.add_argument("run_id", help="the MLflow parent run id an audit printed")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="attacks.KEY=VALUE",
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from raymia.diffusion_audit import run_diffusion_audit
 
-            outcome = run_diffusion_audit(dcfg)
+            outcome = run_diffusion_audit(dcfg, local=args.local)
         elif args.command == "rescore":
             from raymia.audit import rescore_run
 
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from raymia.audit import run_audit
 
-            outcome = run_audit(cfg)
+            outcome = run_audit(cfg, local=args.local)
     except UserError as err:
         print(f"raymia: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

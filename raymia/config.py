@@ -14,15 +14,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from raymia.attacks.diffusion import DiffusionAttackConfig
 from raymia.attacks.lira import LiRAConfig
 from raymia.attacks.nn import NNAttackConfig
 from raymia.attacks.rmia import RMIAConfig
 from raymia.attacks.suite import ATTACK_NAMES, AttackKnobs
-from raymia.data.queries import LabelOnlyConfig
 from raymia.data.datasets import Dataset, check_dataset_name, load_dataset
+from raymia.data.queries import LabelOnlyConfig
 from raymia.data.splits import ROLES
 from raymia.defenses import DefenseConfig, NoDefenseConfig
 from raymia.defenses.diffence import DiffenceConfig
@@ -106,15 +113,19 @@ class ReferenceConfig(_Strict):
     model. ``pool: audited_and_population`` adds the population samples (more diverse reference training sets,
     but larger ones than the target's unless ``pkeep`` is lowered to match).
 
-    ``strategy``: ``auto`` trains groups with ``vmap`` where that is faster (MLPs on CPU, small nets on GPU),
-    ``vmap`` forces it, ``loop`` never uses it. ``models_per_trial``: how many models one Ray Tune trial
-    trains; ``null`` spreads each target's models evenly over the cluster's trial slots.
+    ``group_size``: a target configuration's models (the target first, then its reference models in order) are
+    trained in fixed groups of at most this many (as few near-equal groups as that allows), together with ``vmap`` where that is faster (``strategy: auto``: MLPs on
+    CPU, small nets on GPU; ``vmap`` forces it, ``loop`` never uses it). Groups are a fact of the plan, not of
+    the cluster, so every model's weights are the same on one process or a hundred nodes (randomness inside a
+    network, such as dropout, is drawn per group). ``models_per_trial``: about how many models one Ray Tune
+    trial trains (whole groups); ``null`` spreads each target's groups evenly over the cluster's trial slots.
     """
 
     count: int = Field(16, ge=2)
     pkeep: float = Field(0.5, gt=0, lt=1)
     pool: Literal["audited", "audited_and_population"] = "audited"
     strategy: Literal["auto", "vmap", "loop"] = "auto"
+    group_size: int = Field(8, ge=1)
     models_per_trial: int | None = Field(None, ge=1)
 
 
@@ -414,7 +425,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UserError(f"--set '{item}': write overrides as dotted.key=value, e.g. shadows.count=4")
+            raise UserError(f"--set '{item}': write overrides as dotted.key=value, e.g. reference.count=4")
         node: Any = raw
         parts = key.split(".")
         for part in parts[:-1]:

@@ -1,4 +1,5 @@
-"""Human-facing views of an audit: the log-log ROC figure, score histograms and the summary table."""
+"""Human-facing views of both tracks, from plain values: ROC figures, score histograms, sample grids, the frontier,
+the summary table and the self-contained HTML reports."""
 
 from __future__ import annotations
 
@@ -98,12 +99,19 @@ def frontier_figure(points: list, front: list, leakage_name: str, champion: Any 
     return fig
 
 
-def html_report(title: str, run_id: str, reports: list, rows: list[dict], leakage_name: str,
-                figures: dict[str, Any], champion: Any = None) -> str:
-    """A self-contained HTML page (figures inlined as base64 PNG): configurations, frontier, champion, ROC curves."""
-    def img(fig: Any) -> str:
-        return f'<img src="data:image/png;base64,{base64.b64encode(figure_png(fig)).decode()}">'
+def roc_png(report: Any) -> bytes:
+    """A target report's log-log ROC figure as PNG (rendered once, for MLflow and for ``report.html``)."""
+    fig = roc_figure(report.attacks, f"{report.target.name}: attacks on the target")
+    try:
+        return figure_png(fig)
+    finally:
+        close(fig)
 
+
+def html_report(title: str, run_id: str, reports: list, rows: list[dict], leakage_name: str,
+                figures: dict[str, Any], rocs: dict[str, bytes], champion: Any = None) -> str:
+    """A self-contained HTML page (figures inlined as base64 PNG): configurations, frontier, champion, and each
+    configuration's ROC curves (``rocs``: PNG by configuration name, from :func:`roc_png`)."""
     by_name = {r.target.name: r for r in reports}
     body = [f"<h1>raymia audit: {html.escape(title)}</h1>",
             f"<p>MLflow parent run <code>{run_id}</code>. Leakage = {html.escape(leakage_name)}. AUC and TPR are "
@@ -120,16 +128,10 @@ def html_report(title: str, run_id: str, reports: list, rows: list[dict], leakag
                  f"{row['leakage']:.4f}", "✓" if row["on_front"] else ""]
         trs.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     body.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(trs) + "</table>")
-    body += [f"<h2>Privacy-utility frontier</h2>{img(fig)}" for fig in figures.values()]
+    body += [f"<h2>Privacy-utility frontier</h2>{_img(fig, keep=True)}" for fig in figures.values()]
     body.append("<h2>Attacks per configuration (log-log ROC)</h2>")
-    for r in reports:
-        fig = roc_figure(r.attacks, r.target.name)
-        body.append(img(fig))
-        close(fig)
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-             "padding:4px 8px;font-size:13px}img{max-width:720px;display:block;margin:1em 0}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>raymia: {html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    body += [f'<img src="data:image/png;base64,{base64.b64encode(rocs[r.target.name]).decode()}">' for r in reports]
+    return _page(title, body, "max-width:720px;display:block;margin:1em 0")
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -145,3 +147,58 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+
+
+def sample_grid(images: Any, title: str) -> Any:
+    """Up to 64 images ``[n, C, H, W]`` (a tensor or array in [0, 1]) as one figure."""
+    images = np.asarray(images)
+    n = min(len(images), 64)
+    side = math.ceil(math.sqrt(n))
+    fig, axes = plt.subplots(side, side, figsize=(side * 0.6, side * 0.6 + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            img = images[i].transpose(1, 2, 0)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0, vmax=1)
+    fig.suptitle(title, fontsize=8)
+    return fig
+
+
+def _img(fig: Any, *, keep: bool = False) -> str:
+    """A figure as an inline ``<img>`` (base64 PNG); the figure is closed unless ``keep``."""
+    data = base64.b64encode(figure_png(fig)).decode()
+    if not keep:
+        close(fig)
+    return f'<img src="data:image/png;base64,{data}">'
+
+
+def _page(title: str, body: list[str], img_css: str) -> str:
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+             f"padding:4px 8px;font-size:13px}}img{{{img_css}}}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>raymia: {html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+
+
+def diffusion_html(title: str, run_id: str, reports: list, real_fid: float) -> str:
+    """The diffusion track's self-contained page: a table per system, ROC curves and sample grids."""
+    attacks = list(reports[0].attacks)
+    head = ["system", *[f"{a} AUC (best-of-grid)" for a in attacks], "TPR@1%FPR (strongest)", reports[0].fid_name]
+    rows = []
+    for r in reports:
+        grid = r.best_of_grid()
+        cells = [r.name, *[f"{r.attacks[a].metrics.auc:.3f} ({grid[a][1]:.3f} at t={grid[a][0]})" if a in grid
+                           else f"{r.attacks[a].metrics.auc:.3f}" for a in attacks],
+                 f"{r.strongest().metrics.tpr_at_fpr['1pct']:.3f}", f"{r.fid:.3f}"]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    body = [f"<h1>raymia diffusion audit: {html.escape(title)}</h1>",
+            f"<p>MLflow parent run <code>{run_id}</code>. White-box attacks on members vs non-members; AUC at each "
+            "attack's configured timestep, in brackets the best over the t-grid (an oracle). "
+            f"{html.escape(reports[0].fid_name)} against held-out real images; real unseen images score "
+            f"{real_fid:.3f}.</p>",
+            "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"]
+    for r in reports:
+        body.append(f"<h2>{html.escape(r.name)}</h2>")
+        body.append(_img(roc_figure(r.attacks, f"{r.name}: white-box attacks")))
+        body.append(_img(sample_grid(r.samples, f"{r.name}: samples")))
+    return _page(title, body, "max-width:560px;display:inline-block;margin:0.5em")

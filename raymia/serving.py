@@ -2,9 +2,9 @@
 
     serve run serve/config.yaml          (local)      serve deploy serve/config.yaml   (a ``ray start`` cluster)
 
-The classifier comes from the MLflow Model Registry (``models:/<name>@champion``: safetensors weights +
-``spec.json``), the diffusion model from the audit run that produced it (``save_pretrained`` safetensors); nothing
-is unpickled. DIFFENCE's knobs (N, T', scenario, interval, noise mode, seed) are the deployment's
+The classifier comes from the MLflow Model Registry (``models:/<name>@champion``), the diffusion model from the
+audit run that produced it, both read through :func:`raymia.registry.load_champion` (tensors only; nothing is
+unpickled). DIFFENCE's knobs (N, T', scenario, interval, noise mode, seed) are the deployment's
 ``user_config``, so ``serve deploy`` with new values reconfigures replicas without restarting them.
 
 Every query's noise is seeded from the service seed and the query's bytes, so the response to an input does not
@@ -30,42 +30,35 @@ import hashlib
 import io
 import json
 import os
-import tempfile
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from ray import serve
 from scipy.special import softmax
 
 from raymia.defenses.diffence import Diffence, DiffenceConfig
-from raymia.diffusion.model import DiffusionSpec, make_scheduler
+from raymia.diffusion.model import make_noise_schedule
+from raymia.registry import Champion, load_champion
 
 MAX_BATCH = 64
 
 
-class ServiceKnobs(BaseModel):
-    """The deployment's ``user_config``: DIFFENCE's knobs (``n: 0`` serves the undefended classifier)."""
+class ServiceKnobs(DiffenceConfig):
+    """The deployment's ``user_config``: DIFFENCE's knobs (:class:`~raymia.defenses.diffence.DiffenceConfig`, with
+    its defaults) plus the interval to select in. ``n: 0`` serves the undefended classifier; ``interval: null``
+    with scenario 1 or 2 uses the one the audit calibrated for this classifier."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n: int = Field(8, ge=0, le=256)
-    t_prime: int = Field(160, ge=1, le=999)
-    ddim_steps: int = Field(1, ge=1)
-    scenario: Literal[1, 2, 3] = 3
+    # tighter bounds than the audit's: a replica bounds the work one request can ask for
+    n: int = Field(30, ge=0, le=256, description="candidates per query (0: the undefended output)")
+    t_prime: int = Field(160, ge=1, le=999, description="forward-noising step T' of the 1000-step schedule")
     interval: tuple[float, float] | None = None
-    noise_mode: Literal["paper", "reference"] = "paper"
-    seed: int = 0
-
-    def diffence(self) -> DiffenceConfig:
-        return DiffenceConfig(n=self.n, t_prime=self.t_prime, ddim_steps=self.ddim_steps, scenario=self.scenario,
-                              noise_mode=self.noise_mode, seed=self.seed)
 
 
 class BadInput(Exception):
@@ -158,60 +151,6 @@ def _parse_image(item: Any, shape: tuple[int, ...], field: str) -> np.ndarray:
     return arr[None] if c == 1 else arr.transpose(2, 0, 1)
 
 
-class ModelBundle:
-    """Classifier + diffusion model loaded from MLflow (tensors only), and what to say about them."""
-
-    def __init__(self, model_uri: str, tracking_uri: str | None):
-        from diffusers import UNet2DModel
-        from mlflow.tracking import MlflowClient
-
-        from raymia.registry import load_model, resolve_source
-
-        loaded = load_model(model_uri, tracking_uri=tracking_uri)
-        self.classifier, self.input_shape, self.num_classes = loaded.model, loaded.input_shape, loaded.num_classes
-        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        source = resolve_source(model_uri, tracking_uri)
-        self.run_id = source.removeprefix("runs:/").split("/")[0]
-        run = client.get_run(self.run_id)
-        self.version = self._version(client, model_uri)
-        self.dataset = run.data.params.get("dataset", "?")
-        self.defense = run.data.params.get("defense", "none")
-        parent = run.data.tags.get("mlflow.parentRunId", self.run_id)
-        self.audit_interval = self._interval(client, run, parent)
-        self.unet, self.diffusion_spec = None, DiffusionSpec()
-        with tempfile.TemporaryDirectory() as d:
-            audit_cfg = yaml.safe_load(Path(client.download_artifacts(parent, "config.yaml", d)).read_text()) or {}
-            if audit_cfg.get("diffence"):
-                self.diffusion_spec = DiffusionSpec.model_validate(audit_cfg["diffence"].get("model", {}))
-                local = client.download_artifacts(parent, "diffusion_model", d)
-                self.unet = UNet2DModel.from_pretrained(local, use_safetensors=True).eval()
-
-    @staticmethod
-    def _interval(client: Any, run: Any, parent: str) -> tuple[float, float] | None:
-        """The DIFFENCE interval the audit calibrated for this classifier: on the run itself if it is the
-        ``+diffence`` variant, else on its ``<name>+diffence`` sibling (same classifier, same diffusion model)."""
-        candidates = [run]
-        if not run.info.run_name.endswith("+diffence"):
-            candidates += client.search_runs([run.info.experiment_id],
-                                             f"tags.mlflow.parentRunId = '{parent}' and "
-                                             f"attributes.run_name = '{run.info.run_name}+diffence'")
-        for r in candidates:
-            low, high = r.data.metrics.get("diffence.interval_low"), r.data.metrics.get("diffence.interval_high")
-            if low is not None and high is not None:
-                return float(low), float(high)
-        return None
-
-    @staticmethod
-    def _version(client: Any, model_uri: str) -> str:
-        if not model_uri.startswith("models:/"):
-            return model_uri
-        ref = model_uri.removeprefix("models:/")
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
-        return ref
-
-
 @serve.deployment(max_ongoing_requests=2 * MAX_BATCH, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class DefendedClassifier:
@@ -220,25 +159,25 @@ class DefendedClassifier:
     def __init__(self, model_uri: str, tracking_uri: str | None = None, batching: bool = True,
                  max_inputs_per_request: int = 256, max_body_bytes: int = 4 * 2**20):
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        self.bundle = ModelBundle(model_uri, tracking_uri)
+        self.bundle: Champion = load_champion(model_uri, tracking_uri=tracking_uri)
         self.batching, self.max_inputs, self.max_body = batching, max_inputs_per_request, max_body_bytes
         if self.bundle.unet is None:
             self.knobs = ServiceKnobs(n=0)  # the audit had no DIFFENCE: serve the classifier as is
         else:
-            self.knobs = ServiceKnobs(scenario=1 if self.bundle.audit_interval else 3)
+            self.knobs = ServiceKnobs(scenario=1 if self.bundle.interval else 3)
         self.defended = self._build(self.knobs)
 
     def _build(self, knobs: ServiceKnobs) -> Diffence:
         if knobs.n > 0 and self.bundle.unet is None:
             raise ValueError("user_config asks for DIFFENCE (n > 0) but the model's audit logged no diffusion model")
         if knobs.n > 0 and knobs.scenario != 3 and knobs.interval is None:
-            if self.bundle.audit_interval is None:
+            if self.bundle.interval is None:
                 raise ValueError("DIFFENCE scenarios 1 and 2 need user_config.interval [a, b] (the audit logs it as "
                                  "diffence.interval_low / diffence.interval_high on the +diffence run)")
-            knobs = knobs.model_copy(update={"interval": self.bundle.audit_interval})
-        abar = make_scheduler(self.bundle.diffusion_spec).alphas_cumprod
+            knobs = knobs.model_copy(update={"interval": self.bundle.interval})
+        abar = make_noise_schedule(self.bundle.diffusion_spec).alphas_cumprod
         unet = self.bundle.unet if self.bundle.unet is not None else torch.nn.Identity()
-        return Diffence(self.bundle.classifier, unet, abar, knobs.diffence(), knobs.interval)
+        return Diffence(self.bundle.classifier.model, unet, abar, knobs, knobs.interval)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply new DIFFENCE knobs without restarting the replica (invalid ones keep the old and raise)."""
@@ -271,7 +210,7 @@ class DefendedClassifier:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise BadInput(400, "body", "not valid JSON") from None
-            x = parse_inputs(body, self.bundle.input_shape, self.max_inputs)
+            x = parse_inputs(body, self.bundle.classifier.input_shape, self.max_inputs)
         except BadInput as exc:
             return _error(exc)
         if self.batching:
@@ -289,7 +228,7 @@ class DefendedClassifier:
     async def model(self) -> dict[str, Any]:
         b = self.bundle
         return {"model_version": b.version, "mlflow_run_id": b.run_id, "dataset": b.dataset,
-                "classes": list(range(b.num_classes)), "input_shape": list(b.input_shape),
+                "classes": list(range(b.classifier.num_classes)), "input_shape": list(b.classifier.input_shape),
                 "training_defense": b.defense, "inference_defense": self.knobs.model_dump(mode="json"),
                 "batching": self.batching, "replica_pid": os.getpid()}
 

@@ -9,15 +9,26 @@
 
 A dimension is ``{grid: [...]}`` (every value), ``{choice: [...]}``, ``{uniform: [lo, hi]}``,
 ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}`` (``samples`` draws per entry). Orchestration turns the
-entries into one Ray Tune search space; this module validates them up front — every entry is checked with a
+concrete configurations, drawn here with a seeded generator (:func:`expand_sweep`), into one
+Ray Tune trial (or one local audit) each; this module validates them up front — every entry is checked with a
 representative value of each dimension, so a typo fails before any trial starts — and names configurations.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from raymia.defenses import DefenseConfig
 from raymia.models.classifiers import ModelSpec
@@ -118,3 +129,41 @@ def variant_label(defense: BaseModel) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
     inner = ",".join(f"{k}={fmt(v)}" for k, v in changed.items())
     return f"{defense.name}({inner})" if inner else defense.name
+
+
+def _draw(kind: str, arg: list[Any], rng: np.random.Generator) -> Any:
+    if kind == "choice":
+        return arg[int(rng.integers(len(arg)))]
+    if kind == "uniform":
+        return float(rng.uniform(arg[0], arg[1]))
+    if kind == "loguniform":
+        return float(np.exp(rng.uniform(np.log(arg[0]), np.log(arg[1]))))
+    return int(rng.integers(arg[0], arg[1]))  # randint: upper bound excluded, as in Ray Tune
+
+
+def expand_sweep(sweep: SweepConfig, seed: int) -> list[tuple[int, dict[str, Any]]]:
+    """Every concrete defense configuration of the sweep as ``(entry index, settings)``, in order: per entry,
+    ``samples`` repeats of the cartesian product of its grids, each with its sampled dimensions drawn afresh from
+    a generator seeded by ``(seed, entry index)`` — so every runner (local or Ray Tune) audits the same
+    configurations."""
+    out: list[tuple[int, dict[str, Any]]] = []
+    for i, entry in enumerate(sweep.defenses):
+        rng = np.random.default_rng([seed, i])
+        body = {k: v for k, v in entry.items() if k != "samples"}
+        grids = {k: v["grid"] for k, v in body.items() if is_dimension(v) and "grid" in v}
+        repeats = entry.get("samples", 1) if is_sampled(entry) else 1
+        for _ in range(repeats):
+            for combo in itertools.product(*grids.values()):
+                point = dict(zip(grids, combo))
+                resolved = {}
+                for k, v in body.items():
+                    if k in point:
+                        resolved[k] = point[k]
+                    elif is_dimension(v):
+                        kind, arg = next(iter(v.items()))
+                        resolved[k] = _draw(kind, arg, rng)
+                    else:
+                        resolved[k] = v
+                out.append((i, resolved))
+    return out
+

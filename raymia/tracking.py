@@ -1,19 +1,23 @@
-"""Everything MLflow: where results go, the run hierarchy, metric names and artifacts.
+"""Everything raymia writes to MLflow: where results go, the run hierarchy, metric names and artifact paths.
 
 One parent run per audit; one child run per target configuration (tag ``mlflow.parentRunId``), so the MLflow
-UI compares target configurations side by side. Metric names are stable and documented in the README:
+UI compares target configurations side by side. The artifact paths below are the contract every reader
+(``raymia rescore``, :mod:`raymia.registry`, the tests) relies on. Metric names are documented in
+``docs/audit-and-metrics.md``:
 
-- utility: ``train_acc``, ``test_acc``, ``gap`` (train - test), ``reference_test_acc``;
+- utility: ``train_acc``, ``test_acc``, ``gap`` (train - test), ``reference_test_acc``, ``ece``;
 - per attack A: ``mia.A.auc``, ``mia.A.bal_acc_oracle``, ``mia.A.bal_acc_shadow`` (attacks with a shadow
   threshold), ``mia.A.tpr_at_1pct_fpr``, ``mia.A.tpr_at_0.1pct_fpr``, ``mia.A.tpr_at_0.01pct_fpr``,
   ``mia.A.tpr_at_0pct_fpr``;
 - ``mia.best.auc`` / ``mia.best.tpr_at_0.1pct_fpr`` (attack with the highest AUC, named in tag ``mia.best_attack``);
-- ``mia.n_members``, ``mia.n_nonmembers``; ``loo.A.*`` with leave-one-out targets;
-- parent: ``time.<phase>_s``, ``models.trained``, ``models.reused``.
+- ``mia.n_members``, ``mia.n_nonmembers``; ``loo.A.*`` with leave-one-out targets; ``defense.*``;
+  ``diffence.interval_low|high`` on ``+diffence`` runs;
+- parent: ``time.<phase>_s``, ``models.trained``, ``models.reused``, ``cluster.nodes_used``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -29,6 +33,28 @@ from mlflow.tracking import MlflowClient
 import raymia
 from raymia.config import RunConfig, TrackingConfig
 from raymia.errors import UserError
+from raymia.report import close, roc_figure, roc_png, sample_grid, score_histograms
+
+# ------------------------------------------------------------------------------------------ artifact paths
+CONFIG_FILE = "config.yaml"                    # parent: the validated config
+SPLIT_FILE = "split/split.parquet"             # parent: the split plan (index, role)
+REPORT_FILE = "report.html"                    # parent: the self-contained report
+FRONTIER_FILE = "frontier.json"                # parent: one row per configuration
+FRONTIER_PLOT = "plots/frontier.png"           # parent
+DIFFUSION_MODEL_DIR = "diffusion_model"        # parent: DIFFENCE's UNet (save_pretrained, safetensors)
+ROC_PLOT = "plots/roc_loglog.png"              # child
+HISTOGRAM_PLOT = "plots/score_histograms.png"  # child
+SCORES_FILE = "scores/per_sample.parquet"      # child: one row per audited sample, one column per attack
+SIGNALS_FILE = "signals/pool.parquet"          # child: every model's outputs and the keep-mask
+PROTOCOL_FILE = "protocol.json"                # child: where each number's threshold comes from
+TARGET_FILE = "target.json"                    # child: the target configuration
+MODEL_DIR = "model"                            # child: the model (format: raymia.registry)
+SYSTEM_ROC_PLOT = "plots/roc.png"              # diffusion-track child
+SAMPLES_PLOT = "plots/samples.png"             # diffusion-track child
+GRID_FILE = "grid.json"                        # diffusion-track child: AUC per timestep
+
+#: Metric names of the DIFFENCE interval a ``+diffence`` child run records (read back by the registry).
+INTERVAL_METRICS = ("diffence.interval_low", "diffence.interval_high")
 
 #: Where each reported number's decision threshold comes from (logged as tags and ``protocol.json``).
 THRESHOLD_SOURCES = {
@@ -37,6 +63,16 @@ THRESHOLD_SOURCES = {
     "bal_acc_oracle": "oracle: best threshold chosen on the audited scores",
     "bal_acc_shadow": "shadow: thresholds fitted on reference models only (class-dependent for metric and "
                       "label-only attacks, the attack network's own decision for nn; none for LiRA/RMIA)",
+}
+
+#: The diffusion track's protocol: how each reported number's timestep and threshold were chosen.
+DIFFUSION_PROTOCOL = {
+    "mia.<attack>.*": "each attack at its configured timestep (attacks.loss_t / secmi_t / pia_t), fixed before "
+                      "seeing any score: the number to report",
+    "mia.<attack>.best_of_grid.*": "the best AUC over attacks.t_grid, chosen on the audited scores: an oracle, "
+                                   "an upper bound (as PIA's published numbers)",
+    "asr": "best balanced accuracy over thresholds swept on the audited scores (oracle)",
+    "tpr_at_fpr": "threshold swept over the audited scores",
 }
 
 
@@ -75,8 +111,25 @@ def flat_params(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: json.dumps(value) if isinstance(value, (list, tuple)) else str(value)}
 
 
+def target_params(cfg: Any, report: Any, plan_params: dict[str, Any]) -> dict[str, Any]:
+    """A target child run's params: the plan's facts, the architecture, recipe, defenses and attack knobs."""
+    t = report.target
+    return {
+        **plan_params, "arch": t.model.arch, "defense": t.defense.name,
+        "inference_defense": (report.inference or {}).get("name", "none"),
+        **flat_params("inference", {k: v for k, v in (report.inference or {}).items() if k != "name"}),
+        **flat_params("defense", t.defense.model_dump(exclude={"name"})),
+        "reference.count": cfg.reference.count, "reference.pkeep": cfg.reference.pkeep,
+        "attacks.enabled": ",".join(cfg.attacks.enabled), "attacks.queries": ",".join(cfg.attacks.queries),
+        "attacks.loo_targets": cfg.attacks.loo_targets,
+        "attacker": "adaptive: reference models trained with the target's exact recipe",
+        **flat_params("model.params", t.model.params), **flat_params("train", t.train.model_dump()),
+        **flat_params("attacks", cfg.attacks.knobs().model_dump()),
+    }
+
+
 def target_metrics(report: Any) -> dict[str, float]:
-    """The documented metric names for one :class:`~raymia.pipeline.audit.TargetReport`."""
+    """The documented metric names for one :class:`~raymia.pipeline.evaluate.TargetReport`."""
     m = {"train_acc": report.train_acc, "test_acc": report.test_acc, "gap": report.gap,
          "reference_test_acc": report.reference_test_acc}
     for name, a in report.attacks.items():
@@ -93,7 +146,33 @@ def target_metrics(report: Any) -> dict[str, float]:
     m["mia.n_members"] = float(best.metrics.n_members)
     m["mia.n_nonmembers"] = float(best.metrics.n_nonmembers)
     m.update(report.extra)
+    if report.interval is not None:
+        m.update(dict(zip(INTERVAL_METRICS, report.interval)))
     return {k: float(v) for k, v in m.items()}
+
+
+def system_metrics(report: Any) -> dict[str, float]:
+    """The documented metric names of one diffusion-track system's child run."""
+    def of(prefix: str, attacks: dict) -> dict[str, float]:
+        m = {}
+        for name, a in attacks.items():
+            m[f"{prefix}{name}.auc"] = a.metrics.auc
+            m[f"{prefix}{name}.asr"] = a.metrics.best_bal_acc
+            for level in ("1pct", "0.1pct"):
+                m[f"{prefix}{name}.tpr_at_{level}_fpr"] = a.metrics.tpr_at_fpr[level]
+        return m
+
+    m = of("mia.", report.attacks)
+    for name, (t, auc) in report.best_of_grid().items():
+        m[f"mia.{name}.best_of_grid.auc"], m[f"mia.{name}.best_of_grid.t"] = auc, float(t)
+        m.update({f"mia.{name}.grid.t{t}.auc": v for t, v in report.grid[name].items()})
+    best = report.strongest()
+    m["mia.best.auc"], m["mia.best.tpr_at_1pct_fpr"] = best.metrics.auc, best.metrics.tpr_at_fpr["1pct"]
+    for part, attacks in report.parts.items():
+        m.update(of(f"{part}.mia.", attacks))
+    m[report.fid_name] = report.fid
+    m["mia.n_members"], m["mia.n_nonmembers"] = (best.metrics.n_members, best.metrics.n_nonmembers)
+    return m
 
 
 class AuditRun:
@@ -124,12 +203,15 @@ class AuditRun:
             for rel, content in files.items():
                 local = Path(d) / rel
                 local.parent.mkdir(parents=True, exist_ok=True)
-                if isinstance(content, Path):
-                    local.write_bytes(content.read_bytes())
-                else:
-                    local.write_bytes(content)
+                local.write_bytes(content.read_bytes() if isinstance(content, Path) else content)
                 folder = Path(rel).parent.as_posix()
                 self.client.log_artifact(run_id or self.run_id, str(local), None if folder == "." else folder)
+
+    def log_figures(self, figures: dict[str, Any], run_id: str | None = None) -> None:
+        """Log matplotlib figures ``{artifact path: figure}`` (then close them)."""
+        for path, fig in figures.items():
+            self.client.log_figure(run_id or self.run_id, fig, path)
+            close(fig)
 
     @contextmanager
     def child(self, name: str, *, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[str]:
@@ -145,25 +227,43 @@ class AuditRun:
             raise
         self.client.set_terminated(child_id, "FINISHED")
 
-    def log_target(self, report: Any, *, params: dict[str, Any], files: dict[str, bytes | Path],
-                   figures: dict[str, Any]) -> str:
-        """One child run per target configuration: params, the documented metrics, figures and files."""
+    def log_target(self, report: Any, *, params: dict[str, Any], model_files: dict[str, bytes],
+                   roc: bytes | None = None) -> str:
+        """One child run per target configuration: params, the documented metrics, figures (``roc``: the ROC PNG
+        if already rendered), per-sample scores, every model's outputs and the target's model files."""
+        t = report.target
         best = report.best_attack()
         tags = {"mia.best_attack": best.name, **{f"threshold_source.{k}": v for k, v in THRESHOLD_SOURCES.items()}}
-        with self.child(report.target.name, params=params, tags={**tags, "raymia.kind": "target"}) as child_id:
+        scores = io.BytesIO()
+        report.scores.to_parquet(scores, index=False)
+        with self.child(t.name, params=params, tags={**tags, "raymia.kind": "target"}) as child_id:
             self._log(child_id, metrics=target_metrics(report))
-            for path, fig in figures.items():
-                self.client.log_figure(child_id, fig, path)
-            self.log_files({**files, "protocol.json": json.dumps(THRESHOLD_SOURCES, indent=2).encode(),
-                            "target.json": report.target.model_dump_json(indent=2).encode()}, child_id)
+            self.log_figures({HISTOGRAM_PLOT: score_histograms(report.attacks, f"{t.name}: member vs non-member")},
+                             child_id)
+            with tempfile.TemporaryDirectory() as d:
+                self.log_files({ROC_PLOT: roc if roc is not None else roc_png(report), SCORES_FILE: scores.getvalue(),
+                                SIGNALS_FILE: report.pool.to_parquet(Path(d) / "pool"),
+                                PROTOCOL_FILE: json.dumps(THRESHOLD_SOURCES, indent=2).encode(),
+                                TARGET_FILE: t.model_dump_json(indent=2).encode(), **model_files}, child_id)
         return child_id
 
-    def log_utility_child(self, name: str, final: dict[str, Any]) -> str:
-        """A child run for a utility-only sweep trial: its defense settings and accuracies."""
-        params = {"defense": final["defense"]["name"], **flat_params("defense", {k: v for k, v in
-                                                                                  final["defense"].items() if k != "name"})}
-        with self.child(name, params=params, tags={"raymia.kind": "utility"}) as child_id:
-            self._log(child_id, metrics={k: float(final[k]) for k in ("test_acc", "val_acc") if k in final})
+    def log_system(self, report: Any, *, params: dict[str, Any]) -> str:
+        """One child run per diffusion-track system: metrics, ROC and sample figures, the t-grid, the protocol."""
+        tags = {"raymia.kind": "diffusion-system", "t_selection": DIFFUSION_PROTOCOL["mia.<attack>.*"]}
+        with self.child(report.name, params=params, tags=tags) as child_id:
+            self.log_metrics(system_metrics(report), child_id)
+            self.log_figures({SYSTEM_ROC_PLOT: roc_figure(report.attacks, f"{report.name}: white-box attacks"),
+                              SAMPLES_PLOT: sample_grid(report.samples, f"{report.name}: samples")}, child_id)
+            self.log_files({PROTOCOL_FILE: json.dumps(DIFFUSION_PROTOCOL, indent=2).encode(),
+                            GRID_FILE: json.dumps(report.grid, indent=2).encode()}, child_id)
+        return child_id
+
+    def log_utility_child(self, result: Any) -> str:
+        """A child run for a utility-only configuration: its defense settings and accuracies."""
+        defense = result.target.defense
+        params = {"defense": defense.name, **flat_params("defense", defense.model_dump(exclude={"name"}))}
+        with self.child(result.target.name, params=params, tags={"raymia.kind": "utility"}) as child_id:
+            self._log(child_id, metrics={"test_acc": result.test_acc, "val_acc": result.val_acc})
         return child_id
 
     def log_failed_child(self, name: str, error: str) -> None:
@@ -172,6 +272,27 @@ class AuditRun:
                                      tags={"mlflow.parentRunId": self.run_id, "raymia.kind": "target",
                                            "raymia.error": error[:5000]})
         self.client.set_terminated(run.info.run_id, "FAILED")
+
+    def log_decision(self, *, html: str, rows: list[dict[str, Any]], figures: dict[str, Any]) -> None:
+        """The parent's decision artifacts: ``report.html``, ``frontier.json`` and the frontier figure."""
+        self.log_figures(figures)
+        self.log_files({REPORT_FILE: html.encode(), FRONTIER_FILE: json.dumps(rows, indent=2).encode()})
+
+    def register_champion(self, name: str, child_run_id: str) -> str:
+        """Register the child run's model folder as a new version of ``name`` and point alias ``champion`` at
+        it. Returns the version."""
+        client = self.client
+        try:
+            client.get_registered_model(name)
+        except Exception:  # noqa: BLE001 - MLflow raises RestException / MlflowException when it does not exist
+            client.create_registered_model(name, description="raymia champion: weights in safetensors + spec.json; "
+                                                              "load with raymia.registry.load_model")
+        version = client.create_model_version(name, source=f"runs:/{child_run_id}/{MODEL_DIR}", run_id=child_run_id,
+                                              tags={"raymia.audit_run": self.run_id})
+        client.set_registered_model_alias(name, "champion", version.version)
+        client.set_tag(self.run_id, "raymia.champion_run", child_run_id)
+        client.set_tag(self.run_id, "raymia.champion_model", f"models:/{name}@champion")
+        return version.version
 
 
 @contextmanager
@@ -187,7 +308,7 @@ def audit_run(cfg: RunConfig, tracking_uri: str, *,
                                                              "raymia.kind": "audit", **(tags or {})})
     audit = AuditRun(client, exp_id, run.info.run_id)
     try:
-        audit.log_files({"config.yaml": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()})
+        audit.log_files({CONFIG_FILE: yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()})
         yield audit
     except KeyboardInterrupt:
         client.set_terminated(audit.run_id, "KILLED")
@@ -199,9 +320,6 @@ def audit_run(cfg: RunConfig, tracking_uri: str, *,
     client.set_terminated(audit.run_id, "FINISHED")
 
 
-
-
-
 class StoredAudit:
     """Read access to a finished audit's parent run: its config, its target child runs, their artifacts."""
 
@@ -210,7 +328,7 @@ class StoredAudit:
 
     def config(self) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as d:
-            return yaml.safe_load(Path(self.client.download_artifacts(self.run.info.run_id, "config.yaml", d)).read_text())
+            return yaml.safe_load(Path(self.client.download_artifacts(self.run.info.run_id, CONFIG_FILE, d)).read_text())
 
     def children(self) -> list[Any]:
         runs = self.client.search_runs([self.run.info.experiment_id],
@@ -234,20 +352,3 @@ def open_run(tracking_uri: str, run_id: str) -> Iterator[StoredAudit]:
     if run.data.tags.get("raymia.kind") != "audit":
         raise UserError(f"run '{run_id}' is not a raymia audit parent run")
     yield StoredAudit(client, run)
-
-
-def register_champion(run: AuditRun, name: str, child_run_id: str) -> str:
-    """Register the child run's ``model/`` artifacts (safetensors weights + spec.json, no pickled code) as a new
-    version of ``name`` and point alias ``champion`` at it. Returns the version."""
-    client = run.client
-    try:
-        client.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - MLflow raises RestException / MlflowException when it does not exist
-        client.create_registered_model(name, description="raymia champion: weights in safetensors + spec.json; "
-                                                          "load with raymia.registry.load_model")
-    version = client.create_model_version(name, source=f"runs:/{child_run_id}/model", run_id=child_run_id,
-                                          tags={"raymia.audit_run": run.run_id})
-    client.set_registered_model_alias(name, "champion", version.version)
-    client.set_tag(run.run_id, "raymia.champion_run", child_run_id)
-    client.set_tag(run.run_id, "raymia.champion_model", f"models:/{name}@champion")
-    return version.version

@@ -10,7 +10,7 @@ from raymia.config import TargetConfig
 from raymia.data.queries import LabelOnlyConfig
 from raymia.models.classifiers import ModelSpec
 from raymia.pipeline.factory import train_models
-from raymia.pipeline.jobs import TrainJob
+from raymia.pipeline.plan import TrainJob
 from raymia.signals import PoolSignals, compute_signals
 from raymia.training.loop import TrainRecipe
 

@@ -10,7 +10,7 @@ from raymia.attacks import ATTACK_NAMES
 from raymia.audit import rescore_run, run_audit
 from raymia.config import parse_config
 from raymia.data.splits import SplitPlan
-from raymia.pipeline.audit import plan_audit
+from raymia.pipeline.plan import plan_audit
 from raymia.signals import PoolSignals
 
 pytestmark = pytest.mark.ray
@@ -112,7 +112,7 @@ def test_rescore_reproduces_logged_metrics_exactly(audited):
 def test_second_run_reuses_cached_models_and_retrains_a_corrupted_one(audited):
     raw, outcome, tmp = audited
     again = run_audit(parse_config(raw), **QUIET)
-    assert (again.models["trained"], again.models["reused"]) == (0, 10)
+    assert (again.models.trained, again.models.reused) == (0, 10)
     assert MlflowClient(outcome.tracking_uri).get_run(again.run_id).data.metrics["models.trained"] == 0
     assert [r.attacks["loss"].metrics.auc for r in again.reports] == [r.attacks["loss"].metrics.auc
                                                                       for r in outcome.reports]
@@ -121,7 +121,7 @@ def test_second_run_reuses_cached_models_and_retrains_a_corrupted_one(audited):
     for f in [*cache.rglob(f"{victim}.safetensors"), *cache.rglob(f"{victim}-*.npz")]:
         f.write_bytes(f.read_bytes()[:10])
     third = run_audit(parse_config(raw), **QUIET)
-    assert third.models["trained"] == 1 and third.models["reused"] == 9
+    assert third.models.trained == 1 and third.models.reused == 9
 
 
 def test_plugin_architecture_reaches_ray_workers(ray_local, tiny, tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ def test_killed_driver_resumes_where_it_stopped(cluster, tmp_path):
     config = _sweep_config(tmp_path, cluster, "resume", uris=True)
     lines: list[str] = []
     proc = _driver(config, cluster)
-    _wait_for_line(proc, "[2]", lines)  # two configurations finished
+    _wait_for_line(proc, "[2/", lines)  # two configurations finished
     time.sleep(12)  # Tune saves its experiment state every few seconds
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -128,10 +128,10 @@ def test_sweep_survives_losing_a_node_and_the_mlflow_server(cluster, tmp_path):
     proc = _driver(config, cluster)
     _wait_for_line(proc, "Ray at", lines)
     cluster.stop_mlflow()
-    _wait_for_line(proc, "[1]", lines)
+    _wait_for_line(proc, "[1/", lines)
     cluster.kill_worker()
     cluster.wait_for_nodes(1, timeout=120)  # Ray has noticed: only the head is left
-    _wait_for_line(proc, "[4]", lines)  # all four configurations trained: the driver now logs to MLflow
+    _wait_for_line(proc, "[4/", lines)  # all four configurations trained: the driver now logs to MLflow
     time.sleep(10)
     assert proc.poll() is None  # still retrying, not failed
     cluster.restart_mlflow()

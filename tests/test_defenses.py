@@ -178,7 +178,8 @@ def test_selena_leaves_each_sample_out_of_exactly_l_submodels(digits, rows, ctx)
 def test_relaxloss_lowers_leakage_on_digits_at_small_accuracy_cost(digits, tmp_path):
     from raymia.cache import ModelCache
     from raymia.config import parse_config
-    from raymia.pipeline.audit import assemble_pool, evaluate_pool, load_signals, plan_audit, produce_locally
+    from raymia.pipeline.plan import plan_audit
+    from raymia.pipeline.recipe import audit_configuration
 
     base = {"model": {"params": {"hidden": [256]}}, "train": {"epochs": 60, "batch_size": 32, "lr": 0.002}}
     cfg = parse_config({  # large audited sets and 16 reference models: AUC differences of 0.03 are signal, not noise
@@ -192,9 +193,7 @@ def test_relaxloss_lowers_leakage_on_digits_at_small_accuracy_cost(digits, tmp_p
     plan = plan_audit(cfg, digits)
     assert all(j.target.defense == t.defense for t in cfg.targets for j in plan.target_jobs(t.name))  # adaptive
     cache = ModelCache(tmp_path / "cache")
-    produce_locally(plan, cache)
-    signals, _ = load_signals(plan, cache)
-    reports = {t.name: evaluate_pool(cfg, t, assemble_pool(plan, t, signals)) for t in cfg.targets}
+    reports = {t.name: audit_configuration(plan, t, cache).reports[0] for t in cfg.targets}
     base_auc, base_acc = reports["none"].best_attack().metrics.auc, reports["none"].test_acc
     gains = {name: (base_auc - r.best_attack().metrics.auc, base_acc - r.test_acc) for name, r in reports.items()}
     assert any(auc_drop >= 0.03 and acc_drop <= 0.02 for auc_drop, acc_drop in gains.values()), gains

@@ -7,10 +7,10 @@ from torch import nn
 
 from raymia.defenses.diffence import (Diffence, DiffenceConfig, ddim_denoise, noised, search_interval, select,
                                       top1_log_odds)
-from raymia.diffusion.model import DiffusionSpec, build_unet, make_scheduler
+from raymia.diffusion.model import DiffusionSpec, build_unet, make_noise_schedule
 from raymia.models.classifiers import ModelSpec, build_model
 
-ABAR = make_scheduler(DiffusionSpec()).alphas_cumprod
+ABAR = make_noise_schedule(DiffusionSpec()).alphas_cumprod
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,17 @@ import torch
 
 from raymia.attacks.diffusion import DIFFUSION_ATTACKS, DiffusionAttackConfig, attack_scores
 from raymia.config import DiffusionAuditConfig, parse_config
-from raymia.diffusion.dual import DistillSchedule, split_halves
+from raymia.diffusion.dual_model import DistillSchedule, parity_eps, split_halves
 from raymia.diffusion.fid import frechet_distance, proxy_features
-from raymia.diffusion.model import DiffusionSpec, build_unet, make_scheduler, to_model_range
-from raymia.diffusion.sampling import parity_eps, sample, unet_eps
+from raymia.diffusion.model import DiffusionSpec, build_unet, make_noise_schedule, to_model_range
+from raymia.diffusion.sampling import sample, unet_eps
 from raymia.diffusion.train import DiffusionRecipe, train_diffusion
 from raymia.errors import UserError
 from raymia.metrics import roc_auc
-from raymia.pipeline.diffusion_audit import plan_diffusion_audit
+from raymia.pipeline.diffusion_track import plan_diffusion_audit
 
 SPEC = DiffusionSpec()
-SCHED = make_scheduler(SPEC)
+SCHED = make_noise_schedule(SPEC)
 ABAR = SCHED.alphas_cumprod
 
 

@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from raymia.cache import ModelCache, content_key
+from raymia.cache import ModelCache
+from raymia.keys import content_key
 from raymia.models.classifiers import ModelSpec, build_model
 from raymia.signals import ModelSignals
 from raymia.training.ensemble import prefers_vmap, train_ensemble

@@ -14,7 +14,8 @@ import yaml
 
 from raymia.audit import run_audit
 from raymia.config import parse_config
-from raymia.serving import ModelBundle, ServiceKnobs, query_seed
+from raymia.registry import load_champion
+from raymia.serving import ServiceKnobs, query_seed
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -77,19 +78,19 @@ def test_responses_equal_in_process_diffence_and_keep_labels(service, digits):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model_version"].startswith("serve-test/") and len(body["predictions"]) == 12
-    bundle = ModelBundle(service["model_uri"], service["tracking_uri"])
+    bundle = load_champion(service["model_uri"], tracking_uri=service["tracking_uri"])
     from raymia.defenses.diffence import Diffence
-    from raymia.diffusion.model import make_scheduler
+    from raymia.diffusion.model import make_noise_schedule
 
     knobs = ServiceKnobs(n=4, scenario=3, seed=7)
-    local = Diffence(bundle.classifier, bundle.unet, make_scheduler(bundle.diffusion_spec).alphas_cumprod,
-                     knobs.diffence())
+    local = Diffence(bundle.classifier.model, bundle.unet, make_noise_schedule(bundle.diffusion_spec).alphas_cumprod,
+                     knobs)
     logits = local(x, seeds=[query_seed(7, row) for row in x])
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     served = np.array([p["probabilities"] for p in body["predictions"]])
     np.testing.assert_allclose(served, probs, atol=2e-6)
-    plain = bundle.classifier(__import__("torch").from_numpy(x)).argmax(1).numpy()
+    plain = bundle.classifier.model(__import__("torch").from_numpy(x)).argmax(1).numpy()
     assert [p["label"] for p in body["predictions"]] == plain.tolist()
     again = _post({"inputs": x[:3].tolist()}).json()  # same query, same answer, whatever else is batched with it
     assert [p["probabilities"] for p in again["predictions"]] == [p["probabilities"] for p in body["predictions"][:3]]

@@ -8,9 +8,8 @@ from raymia.data.datasets import make_dataset
 from raymia.data.queries import LabelOnlyConfig, shift
 from raymia.errors import UserError
 from raymia.models.classifiers import ModelSpec, build_model
-from raymia.pipeline.audit import plan_audit
 from raymia.pipeline.factory import train_models
-from raymia.pipeline.jobs import TrainJob
+from raymia.pipeline.plan import TrainJob, plan_audit
 from raymia.signals import PoolSignals, compute_signals
 from raymia.training.loop import TrainRecipe, predict_logits
 

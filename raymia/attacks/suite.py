@@ -33,7 +33,6 @@ from raymia.signals import PoolSignals
 LIRA_ATTACKS = ("lira_online", "lira_offline", "lira_online_fixed_var", "lira_offline_fixed_var")
 RMIA_ATTACKS = ("rmia_online", "rmia_offline")
 ATTACK_NAMES: tuple[str, ...] = (*METRIC_ATTACKS, "label_only_aug", "nn", *LIRA_ATTACKS, *RMIA_ATTACKS)
-LABEL_ONLY_ATTACKS = ("correctness", "label_only_aug")  # see only predicted labels
 
 
 class AttackKnobs(BaseModel):

@@ -1,4 +1,6 @@
-"""Training-time defenses. Each paper's method is one module; all attach to the one training loop.
+"""Defenses of classifiers, one module per paper's method. The training-time ones below attach to the one
+training loop and are chosen with ``defense: {name: ...}``; DIFFENCE (:mod:`raymia.defenses.diffence`) acts at
+inference time, in front of any trained classifier, and is configured under ``diffence:``.
 
 ========================  ==========================================================================
 ``none``                  ordinary training (:mod:`raymia.defenses.base`)
@@ -21,8 +23,15 @@ from pydantic import Field
 
 from raymia.defenses.advreg import AdvReg, AdvRegConfig
 from raymia.defenses.base import Defense, DefenseContext, FitResult
-from raymia.defenses.baselines import (EarlyStopping, EarlyStoppingConfig, LabelSmoothing, LabelSmoothingConfig,
-                                       NoDefenseConfig, Regularization, RegularizationConfig)
+from raymia.defenses.baselines import (
+    EarlyStopping,
+    EarlyStoppingConfig,
+    LabelSmoothing,
+    LabelSmoothingConfig,
+    NoDefenseConfig,
+    Regularization,
+    RegularizationConfig,
+)
 from raymia.defenses.dmp import DMP, DMPConfig
 from raymia.defenses.dp_sgd import DPSGD, DPSGDConfig
 from raymia.defenses.relaxloss import RelaxLoss, RelaxLossConfig

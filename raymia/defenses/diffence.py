@@ -39,6 +39,9 @@ from raymia.diffusion.sampling import ddim_step
 
 
 class DiffenceConfig(BaseModel):
+    """DIFFENCE's knobs, declared once: the audit (``diffence:``) and the Serve deployment (``user_config``)
+    both extend this model."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     n: int = Field(30, ge=0, description="candidates per query (0: the undefended output)")
@@ -49,11 +52,23 @@ class DiffenceConfig(BaseModel):
     grid_points: int = Field(20, ge=2, description="scenario 1: steps of the [a, b] search grid")
     js_bins: int = Field(100, ge=10)
     chunk: int | Literal["auto"] = Field("auto", description="most images per UNet / classifier call "
-                                         "(auto: 512 on a CPU, where larger calls fall out of cache; 4096 on a GPU)")
+                                         "(auto: 512 on a CPU, where larger calls fall out of cache; 4096 on a GPU)",
+                                         json_schema_extra={"changes_output": False})
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the UNet (auto: on a GPU only; on a "
-                                            "CPU it needs a C++ compiler and recompiles for new batch sizes)")
+                                            "CPU it needs a C++ compiler and recompiles for new batch sizes)",
+                                            json_schema_extra={"changes_output": False})
     seed: int = 0
+
+    @classmethod
+    def output_knob_names(cls) -> tuple[str, ...]:
+        """The knobs that change what DIFFENCE releases (chunking and compilation do not, up to rounding)."""
+        return tuple(name for name, f in DiffenceConfig.model_fields.items()
+                     if (f.json_schema_extra or {}).get("changes_output", True))
+
+    def output_knobs(self) -> dict[str, object]:
+        """``{knob: value}`` for :meth:`output_knob_names`: what a cache key or a logged protocol must record."""
+        return {name: getattr(self, name) for name in self.output_knob_names()}
 
 
 def noised(x0: torch.Tensor, t_prime: int, abar: torch.Tensor, noise: torch.Tensor, mode: str) -> torch.Tensor:

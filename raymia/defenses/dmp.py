@@ -22,7 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from raymia.defenses.base import Defense, DefenseContext, FitResult
-from raymia.training.loop import TrainingPolicy, TrainRecipe, predict_logits, train_classifier
+from raymia.training.loop import (
+    TrainingPolicy,
+    TrainRecipe,
+    predict_logits,
+    train_classifier,
+)
 
 
 class DMPConfig(BaseModel):

@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 from pydantic import BaseModel, ConfigDict, Field
 
 from raymia.errors import UserError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # diffusers takes seconds to import: only the functions that build models load it
+    from diffusers import DDPMScheduler, UNet2DModel
+
     from raymia.cache import ModelCache
 
 
@@ -40,6 +41,8 @@ def build_unet(spec: DiffusionSpec, input_shape: tuple[int, ...], *, seed: int |
     if len(input_shape) != 3:
         raise UserError(f"diffusion models need image data [C, H, W]; got inputs of shape {input_shape}",
                         field="data.dataset")
+    from diffusers import UNet2DModel
+
     c, h, w = input_shape
     if seed is not None:
         torch.manual_seed(seed)
@@ -69,8 +72,10 @@ def load_cached_unet(cache: "ModelCache", key: str, spec: DiffusionSpec, input_s
     return unet.eval()
 
 
-def make_scheduler(spec: DiffusionSpec) -> DDPMScheduler:
+def make_noise_schedule(spec: DiffusionSpec) -> DDPMScheduler:
     """Linear betas from ``beta_start`` to ``beta_end`` over ``num_train_timesteps`` (Ho et al. defaults)."""
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(num_train_timesteps=spec.num_train_timesteps, beta_schedule="linear",
                          beta_start=spec.beta_start, beta_end=spec.beta_end)
 

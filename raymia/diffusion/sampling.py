@@ -2,8 +2,9 @@
 
 An ε-function maps ``(x_t [B, C, H, W], t [B])`` in model range to ε̂ ``[B, C, H, W]``. Samplers take a list of
 ε-functions and call ``eps_fns[k % len(eps_fns)]`` at reverse step k (k = 0 first), exactly one network call
-per step: one function is a plain sampler, two are DualMD's alternating sampler. With the 1000-step DDPM
-sampler, k even is t odd, so θ1 handles odd t and θ2 even t, as in the official DualMD code.
+per step: one function is a plain sampler, two are DualMD's alternating sampler
+(:mod:`raymia.diffusion.dual_model`). With the 1000-step DDPM sampler, k even is t odd, so θ1 handles odd t
+and θ2 even t, as in the official DualMD code.
 """
 
 from __future__ import annotations
@@ -23,22 +24,6 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def unet_eps(unet: nn.Module) -> EpsFn:
     """The ε-function of a diffusers ``UNet2DModel``."""
     return lambda x, t: unet(x, t).sample
-
-
-def parity_eps(theta1: EpsFn, theta2: EpsFn) -> EpsFn:
-    """DualMD's system as a white-box attacker queries it: ε̂ from θ2 where t is even, θ1 where t is odd (the
-    model its DDPM sampler uses at that step). Each model is called only on its own rows."""
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        even = t % 2 == 0
-        if even.all():
-            return theta2(x, t)
-        if not even.any():
-            return theta1(x, t)
-        out = torch.empty_like(x)
-        out[even] = theta2(x[even], t[even])
-        out[~even] = theta1(x[~even], t[~even])
-        return out
-    return eps
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, s: int, abar: torch.Tensor, *,

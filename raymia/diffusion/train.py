@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
 from pydantic import BaseModel, ConfigDict, Field
 
 from raymia.diffusion.model import to_model_range
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DModel
 
 
 class DiffusionRecipe(BaseModel):

@@ -1,36 +1,58 @@
-"""Fan an audit's models out over the Ray cluster: groups of models per Ray Tune trial.
+"""Fan an audit's expensive pieces out over the Ray cluster as Ray Tune trials; results travel through the cache.
 
-Each trial runs the reference-model factory (:func:`~raymia.pipeline.factory.produce_signals`) on one group:
-reuse what the cache holds, train the rest (``vmap`` ensembles where faster), write weights and outputs to the
-cache. The cache (a local path or a ``pyarrow.fs`` URI every node reaches) is how results come back; Tune
-only reports what each trial did. FIFO scheduling: every model must finish, none is stopped early.
+- classifiers: groups of models per trial, each trial running the reference-model factory
+  (:func:`~raymia.pipeline.factory.produce_signals`) on its group (``vmap`` ensembles where faster);
+- DIFFENCE: the diffusion model as one trial, then every model's outputs through DIFFENCE, a group per trial;
+- the DDPM track: its diffusion models, stage by stage.
+
+The cache (a local path or a ``pyarrow.fs`` URI every node reaches) is how results come back; Tune only reports
+what each trial did. FIFO scheduling: every piece must finish, none is stopped early. After a fan-out the driver
+runs the same Ray-free recipe (:mod:`raymia.pipeline.recipe`), which then finds every step in the cache.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import ray
+import torch
 from ray import cloudpickle, tune
 
 from raymia.cache import ModelCache
-from raymia.imports import is_import_path
-from raymia.models.classifiers import resolve_builder
 from raymia.orchestration.cluster import ClusterInfo
-from raymia.pipeline.audit import AuditPlan
-from raymia.pipeline.factory import produce_signals
-from raymia.pipeline.jobs import TrainJob
+from raymia.orchestration.session import RaySession, storage_path
+from raymia.pipeline.diffence_audit import (
+    calibrate,
+    ensure_diffusion_model,
+    load_diffusion_model,
+    missing_diffence_signals,
+    produce_diffence_signals,
+)
+from raymia.pipeline.diffusion_track import DiffusionPlan, train_job
+from raymia.pipeline.factory import Builders, load_signals, produce_signals
+from raymia.pipeline.plan import AuditPlan, TrainJob, jobs_for_target
+from raymia.pipeline.recipe import phase
 from raymia.training.device import resolve_device
 
 
 class TrainingFailed(RuntimeError):
-    """One or more training trials raised; the message carries the first trial's error."""
+    """One or more trials raised; the message carries the first trial's error."""
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def node_id() -> str:
+    """The Ray node this code runs on."""
+    return ray.get_runtime_context().get_node_id()
 
 
 def trial_slots(cluster: ClusterInfo, resources: dict[str, float]) -> int:
@@ -41,140 +63,228 @@ def trial_slots(cluster: ClusterInfo, resources: dict[str, float]) -> int:
     return max(1, int(slots))
 
 
-def group_jobs(jobs: Sequence[TrainJob], *, slots: int, models_per_trial: int | None) -> list[list[TrainJob]]:
-    """Split each target configuration's jobs into contiguous groups, one Tune trial each.
+def group_jobs(jobs: Sequence[TrainJob], *, slots: int, models_per_trial: int | None) -> dict[str, list[TrainJob]]:
+    """Split each target configuration's jobs into trials of whole training groups (:attr:`TrainJob.group`),
+    named ``<configuration>#<i>``: a trial never splits a group, so the weights do not depend on the cluster.
 
-    With ``models_per_trial`` unset a configuration's models are spread evenly over ``slots`` trials, so the
+    With ``models_per_trial`` unset a configuration's groups are spread evenly over ``slots`` trials, so the
     whole cluster trains it at once and each trial amortises its start-up over many models.
     """
-    by_target: dict[str, list[TrainJob]] = defaultdict(list)
+    by_target: dict[str, dict[int, list[TrainJob]]] = defaultdict(lambda: defaultdict(list))
     for j in jobs:
-        by_target[j.target.name].append(j)
-    groups = []
-    for members in by_target.values():
-        n_groups = (math.ceil(len(members) / models_per_trial) if models_per_trial
-                    else min(slots, len(members)))
-        groups += [list(chunk) for chunk in np.array_split(np.asarray(members, dtype=object), n_groups) if len(chunk)]
-    return groups
+        by_target[j.target.name][j.group].append(j)
+    trials = {}
+    for name, groups in by_target.items():
+        units = list(groups.values())
+        n_models = sum(map(len, units))
+        n_trials = min(len(units), math.ceil(n_models / models_per_trial) if models_per_trial else slots)
+        for i, chunk in enumerate(np.array_split(np.arange(len(units)), n_trials)):
+            if len(chunk):
+                trials[f"{name}#{i}"] = [j for u in chunk for j in units[u]]
+    return trials
 
 
-def _produce_trial(config: dict[str, Any], *, groups: dict[str, list[TrainJob]], plan_bits: dict[str, Any],
-                   cache: ModelCache, builders: dict[str, Callable[..., Any]]) -> None:
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
-    torch.set_num_threads(max(1, int(cpus)))
-    jobs = groups[config["group"]]
-    stats = produce_signals(jobs, plan_bits["dataset"], plan_bits["scored"], cache,
-                            query_views=plan_bits["query_views"], label_only=plan_bits["label_only"],
-                            views_id=plan_bits["views_id"], reuse=plan_bits["reuse"], strategy=plan_bits["strategy"],
-                            device=resolve_device(plan_bits["device"]), builders=builders)
-    tune.report({"group": config["group"], "models": len(jobs), "trained": len(stats.trained),
-                 "vmapped": stats.vmapped, "reused": stats.reused_models + stats.reused_signals,
-                 "seconds": stats.seconds, "node": ray.get_runtime_context().get_node_id()})
-
-
-class _Progress(tune.Callback):
-    """One line per finished trial on stderr: ``[2/4] overfit#1  9 models (8 vmapped, 0 reused)  3.1 s``."""
-
-    def __init__(self, total: int, echo: Callable[[str], None]):
-        self.total, self.done, self.echo = total, 0, echo
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.done += 1
-        self.echo(f"[{self.done:>{len(str(self.total))}}/{self.total}] {result['group']:<24} {result['models']} models "
-                  f"({result['trained']} trained, {result['vmapped']} vmapped, {result['reused']} reused)  "
-                  f"{result['seconds']:.1f} s")
-
-
-def plugin_builders(plan: AuditPlan) -> dict[str, Callable[..., Any]]:
-    """Resolve user architectures here and ship their modules by value, so workers need not import them."""
-    builders = {}
-    cfg = plan.config
-    specs = [(f"targets.{i}.model", t.model) for i, t in enumerate(cfg.targets)]
-    if cfg.sweep is not None:
-        specs.append(("sweep.base.model", cfg.sweep.base.model))
-    for field, spec in specs:
-        if is_import_path(spec.arch):
-            fn = resolve_builder(spec, field=field)
-            module = sys.modules[fn.__module__]
-            if module.__name__.split(".")[0] != "raymia":
-                cloudpickle.register_pickle_by_value(module)
-            builders[spec.arch] = fn
+def shipped(builders: Builders) -> Builders:
+    """Mark user architecture modules to travel by value, so Ray workers need not be able to import them."""
+    for fn in builders.values():
+        module = sys.modules[fn.__module__]
+        if module.__name__.split(".")[0] != "raymia":
+            cloudpickle.register_pickle_by_value(module)
     return builders
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def produce_on_ray(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache, resources: dict[str, float],
-                   cluster: ClusterInfo, *, storage_path: str, experiment_name: str, reuse_actors: bool = True,
-                   echo: Callable[[str], None] = _stderr) -> dict[str, Any]:
-    """Train or reuse ``jobs`` on the cluster, in groups of models per Tune trial; returns summed trial stats
-    and the ids of the nodes trials ran on (``nodes``).
-
-    ``resources`` is the per-trial request from :func:`raymia.orchestration.cluster.trial_resources`;
-    ``reuse_actors`` keeps trial processes (and their imported torch) alive between trials.
-    """
-    cfg = plan.config
-    grouped = group_jobs(jobs, slots=trial_slots(cluster, resources), models_per_trial=cfg.reference.models_per_trial)
-    groups: dict[str, list[TrainJob]] = {}
-    per_target: dict[str, int] = defaultdict(int)
-    for g in grouped:
-        name = g[0].target.name
-        groups[f"{name}#{per_target[name]}"] = g
-        per_target[name] += 1
-    plan_bits = {"dataset": plan.dataset, "scored": plan.scored_indices, "query_views": list(cfg.attacks.queries),
-                 "label_only": cfg.attacks.label_only, "views_id": plan.views_id, "reuse": cfg.cache.reuse,
-                 "strategy": cfg.reference.strategy, "device": cfg.compute.device}
-    trainable = tune.with_resources(
-        tune.with_parameters(_produce_trial, groups=groups, plan_bits=plan_bits, cache=cache,
-                             builders=plugin_builders(plan)),
-        resources,
-    )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"group": tune.grid_search(list(groups))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.compute.max_concurrent_trials, reuse_actors=reuse_actors),
-        run_config=tune.RunConfig(name=experiment_name, storage_path=storage_path, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1),
-                                  callbacks=[_Progress(len(groups), echo)]),
-    )
-    grid = tuner.fit()
-    if grid.errors:
-        raise TrainingFailed(f"{len(grid.errors)} of {len(groups)} training trials failed; first error:\n"
-                             f"{grid.errors[0]}")
-    totals: dict[str, Any] = {"trials": len(groups), "trained": 0, "vmapped": 0, "reused": 0, "nodes": set()}
-    for result in grid:
-        for k in ("trained", "vmapped", "reused"):
-            totals[k] += int(result.metrics[k])
-        totals["nodes"].add(result.metrics["node"])
-    return totals
-
-
-def _task_trial(config: dict[str, Any], *, tasks: dict[str, Callable[[], dict[str, Any]]]) -> None:
+def set_trial_threads() -> None:
+    """Use as many torch threads as the running trial was given CPUs."""
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
-    tune.report({"task": config["task"], **tasks[config["task"]]()})
 
 
-def run_tasks(tasks: dict[str, Callable[[], dict[str, Any]]], resources: dict[str, float], *, storage_path: str,
-              experiment_name: str, echo: Callable[[str], None] = _stderr) -> dict[str, dict[str, Any]]:
-    """Run independent closures as Tune trials (one each, FIFO) and return each one's reported metrics.
+Task = Callable[[], dict[str, Any]]
 
-    Each closure computes something and stores it in the shared cache; it returns a small dict of numbers.
-    """
+
+def _task_trial(config: dict[str, Any], *, tasks: dict[str, Task]) -> None:
+    set_trial_threads()
+    start = time.perf_counter()
+    out = tasks[config["item"]]()
+    tune.report({"task": config["item"], "seconds": time.perf_counter() - start, "node": node_id(), **out})
+
+
+@dataclass
+class FanOutTotals:
+    """What a fan-out did: trials run, models trained, and the Ray nodes its trials ran on."""
+
+    trained: int = 0
+    nodes: set[str] = field(default_factory=set)
+    trials: int = 0
+
+
+def run_tasks(tasks: dict[str, Task], resources: dict[str, float], *, storage_path: str, experiment_name: str,
+              max_concurrent: int | None = None, reuse_actors: bool = True,
+              echo: Callable[[str], None] = _stderr) -> dict[str, dict[str, Any]]:
+    """Run independent closures as Tune trials of one experiment (FIFO, trial processes reused) and return each
+    one's reported metrics by name. Each closure stores what it computes in the shared cache and returns a small
+    dict of numbers (with ``line``: what to print when it is done)."""
+    done = {"n": 0}
+
     class Done(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            echo(f"  done: {result['task']}  {result.get('seconds', float('nan')):.1f} s")
+            done["n"] += 1
+            what = result.get("line", "done")
+            echo(f"[{done['n']:>{len(str(len(tasks)))}}/{len(tasks)}] {result['task']:<24} {what}  "
+                 f"{result['seconds']:.1f} s")
 
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_task_trial, tasks=tasks), resources),
-        param_space={"task": tune.grid_search(list(tasks))},
-        tune_config=tune.TuneConfig(reuse_actors=True),
+        param_space={"item": tune.grid_search(list(tasks))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name=experiment_name, storage_path=storage_path, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1), callbacks=[Done()]),
     )
     grid = tuner.fit()
     if grid.errors:
-        raise TrainingFailed(f"{len(grid.errors)} of {len(tasks)} tasks failed; first error:\n{grid.errors[0]}")
+        raise TrainingFailed(f"{len(grid.errors)} of {len(tasks)} trials failed; first error:\n{grid.errors[0]}")
     return {r.metrics["task"]: r.metrics for r in grid}
+
+
+def _classifier_task(jobs: list[TrainJob], plan: AuditPlan, cache: ModelCache, builders: Builders,
+                     reuse: bool) -> Task:
+    def task() -> dict[str, Any]:
+        stats = produce_signals(jobs, plan, cache, reuse=reuse, device=resolve_device(plan.config.compute.device),
+                                builders=builders)
+        reused = stats.reused_models + stats.reused_signals
+        return {"trained": len(stats.trained), "line": f"{len(jobs)} models ({len(stats.trained)} trained, "
+                f"{stats.vmapped} vmapped, {reused} reused)"}
+    return task
+
+
+def classifier_tasks(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache, cluster: ClusterInfo,
+                     resources: dict[str, float], *, builders: Builders, reuse: bool = True) -> dict[str, Task]:
+    """One task per trial-sized group of ``jobs`` (whole training groups; :func:`group_jobs`)."""
+    groups = group_jobs(jobs, slots=trial_slots(cluster, resources),
+                        models_per_trial=plan.config.reference.models_per_trial)
+    shipped(builders)
+    return {name: _classifier_task(g, plan, cache, builders, reuse) for name, g in groups.items()}
+
+
+def produce_on_ray(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache, session: RaySession, *,
+                   experiment_name: str, builders: Builders, reuse: bool = True, reuse_actors: bool = True,
+                   echo: Callable[[str], None] = _stderr) -> FanOutTotals:
+    """Train or reuse ``jobs`` on the cluster, in groups of models per Tune trial; ``reuse_actors`` keeps trial
+    processes (and the torch they imported) alive between trials."""
+    cluster, resources = session.connect(f"{len(jobs)} models to produce")
+    tasks = classifier_tasks(plan, jobs, cache, cluster, resources, builders=builders, reuse=reuse)
+    done = run_tasks(tasks, resources, storage_path=storage_path(plan.config), experiment_name=experiment_name,
+                     max_concurrent=plan.config.compute.max_concurrent_trials, reuse_actors=reuse_actors, echo=echo)
+    return FanOutTotals(sum(int(m["trained"]) for m in done.values()), {m["node"] for m in done.values()}, len(done))
+
+
+def _diffusion_task(plan: AuditPlan, cache: ModelCache) -> Task:
+    def task() -> dict[str, Any]:
+        ensure_diffusion_model(plan, cache, device=resolve_device(plan.config.compute.device))
+        return {"trained": 0, "line": f"DIFFENCE's diffusion model ({plan.config.diffence.train.steps} steps)"}
+    return task
+
+
+def diffusion_model_on_ray(plan: AuditPlan, cache: ModelCache, session: RaySession, *, experiment_name: str,
+                           echo: Callable[[str], None] = _stderr) -> Any:
+    """DIFFENCE's diffusion model: from the cache, or trained as a Tune trial (which stores it there) first."""
+    unet = load_diffusion_model(plan, cache)
+    if unet is None:
+        _, resources = session.connect("the diffusion model for DIFFENCE")
+        run_tasks({"diffusion-model": _diffusion_task(plan, cache)}, resources, storage_path=storage_path(plan.config),
+                  experiment_name=experiment_name, echo=echo)
+        unet = load_diffusion_model(plan, cache)
+    if unet is None:
+        raise RuntimeError("the diffusion model is not in the cache after training; is cache.uri reachable from "
+                           "every Ray node?")
+    return unet
+
+
+def fan_out_audit(plan: AuditPlan, cache: ModelCache, session: RaySession, *, experiment_name: str,
+                  builders: Builders, timings: dict[str, float], echo: Callable[[str], None] = _stderr
+                  ) -> FanOutTotals:
+    """Put every model a targets audit needs into the cache, in parallel on the cluster and in at most two Tune
+    experiments: the classifiers together with DIFFENCE's diffusion model (they do not depend on each other),
+    then every model's outputs through DIFFENCE. Starts Ray only for what the cache lacks."""
+    cfg = plan.config
+    reuse = cfg.cache.reuse
+    with phase(timings, "cache_lookup"):
+        _, missing = load_signals(plan.jobs, plan, cache) if reuse else ({}, list(plan.jobs))
+        need_unet = cfg.diffence is not None and load_diffusion_model(plan, cache) is None
+    totals = FanOutTotals()
+    if missing or need_unet:
+        what = f"{len(missing)} models to produce" + (" and DIFFENCE's diffusion model" if need_unet else "")
+        cluster, resources = session.connect(what)
+        tasks = classifier_tasks(plan, missing, cache, cluster, resources, builders=builders, reuse=reuse)
+        if need_unet:
+            tasks["diffusion-model"] = _diffusion_task(plan, cache)
+        with phase(timings, "training"):
+            done = run_tasks(tasks, resources, storage_path=storage_path(cfg), experiment_name=experiment_name,
+                             max_concurrent=cfg.compute.max_concurrent_trials, echo=echo)
+        totals = FanOutTotals(sum(int(m["trained"]) for m in done.values()), {m["node"] for m in done.values()},
+                              len(done))
+        _, still = load_signals(plan.jobs, plan, cache)
+        if still:
+            raise RuntimeError(f"{len(still)} models have no outputs in the cache after training, e.g. "
+                               f"{still[0].job_id}; is cache.uri reachable from every Ray node?")
+    else:
+        echo(f"all {len(plan.jobs)} models found in the cache {cache.uri}; nothing to train")
+    if cfg.diffence is None:
+        return totals
+    with phase(timings, "diffence"):
+        unet = load_diffusion_model(plan, cache)
+        if unet is None:
+            raise RuntimeError("the diffusion model is not in the cache after training; is cache.uri reachable from "
+                               "every Ray node?")
+        device = resolve_device(cfg.compute.device)
+        intervals, pending = {}, []
+        for t in cfg.targets:
+            jobs = jobs_for_target(plan, t)
+            intervals[t.name] = calibrate(plan, jobs[0], unet, cache, device=device, builders=builders, reuse=reuse)
+            pending += missing_diffence_signals(jobs, plan, intervals[t.name], cache) if reuse else jobs
+        if pending:
+            cluster, resources = session.connect("DIFFENCE outputs")
+            groups = group_jobs(pending, slots=trial_slots(cluster, resources), models_per_trial=None)
+
+            def diffence_task(g: list[TrainJob]) -> Task:
+                def task() -> dict[str, Any]:
+                    n = produce_diffence_signals(g, plan, unet, intervals[g[0].target.name], cache,
+                                                 device=resolve_device(cfg.compute.device), builders=builders,
+                                                 reuse=reuse)
+                    return {"line": f"{n} models queried through DIFFENCE"}
+                return task
+
+            done = run_tasks({name: diffence_task(g) for name, g in groups.items()}, resources,
+                             storage_path=storage_path(cfg), experiment_name=f"{experiment_name}-diffence", echo=echo)
+            totals.nodes |= {m["node"] for m in done.values()}
+    return totals
+
+
+def train_ddpms_on_ray(plan: DiffusionPlan, cache: ModelCache, session: RaySession, *, experiment_name: str,
+                       echo: Callable[[str], None] = _stderr) -> dict[str, float]:
+    """Train the DDPM track's models the cache lacks as Tune trials, stage by stage (the teachers in parallel,
+    then the student); returns seconds per trained model."""
+    cfg = plan.config
+    missing = [[j for j in stage if not cache.has_model(j.key)] for stage in plan.stages()]
+    if not any(missing):
+        echo(f"all {len(plan.jobs)} diffusion models found in the cache {cache.uri}; nothing to train")
+        return {}
+    cluster, res = session.connect(f"{sum(map(len, missing))} diffusion models to train")
+    seconds: dict[str, float] = {}
+    for i, stage in enumerate(missing):
+        if not stage:
+            continue
+        tasks = {j.name: (lambda name=j.name: train_job(plan, name, cache, device=resolve_device(cfg.compute.device)))
+                 for j in stage}
+        stage_res = res
+        if len(stage) == 1 and res.get("gpu", 0) == 0 and cfg.compute.cpus_per_trial == 1:
+            stage_res = {**res, "cpu": cluster.cpus}  # a lone trial may use every core
+        done = run_tasks(tasks, stage_res, storage_path=storage_path(cfg),
+                         experiment_name=f"{experiment_name}-stage{i + 1}", echo=echo)
+        seconds.update({name: float(m["seconds"]) for name, m in done.items()})
+    for stage in missing:
+        for j in stage:
+            if not cache.has_model(j.key):
+                raise RuntimeError(f"diffusion model '{j.name}' is not in the cache after training; is cache.uri "
+                                   "reachable from every Ray node?")
+    return seconds

@@ -1,22 +1,18 @@
-"""What every audit entry point does around its work: time phases, pick Tune's storage, hold a Ray connection."""
+"""What every Ray-backed entry point does around its work: pick Tune's storage, hold a Ray connection."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from raymia.config import RunConfig
-from raymia.orchestration.cluster import ClusterInfo, connect_ray, release_ray, trial_resources
-
-@contextmanager
-def phase(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Add the block's wall time to ``timings[name]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+from raymia.orchestration.cluster import (
+    ClusterInfo,
+    connect_ray,
+    release_ray,
+    trial_resources,
+)
+from raymia.pipeline.recipe import phase
 
 
 def storage_path(cfg: RunConfig) -> str:
@@ -24,16 +20,36 @@ def storage_path(cfg: RunConfig) -> str:
     return cfg.ray.storage_path or str(cfg.output_dir.expanduser().resolve() / "ray_results")
 
 
+class RaySession:
+    """A Ray connection made on first use (:meth:`connect`), so work the cache already holds never starts Ray."""
+
+    def __init__(self, cfg: RunConfig, timings: dict[str, float], say: Callable[[str], None]):
+        self.cfg, self.timings, self.say = cfg, timings, say
+        self.cluster: ClusterInfo | None = None
+        self.resources: dict[str, float] = {}
+
+    def connect(self, what: str) -> tuple[ClusterInfo, dict[str, float]]:
+        """The cluster and the per-trial request, connecting (and saying ``what`` runs) the first time."""
+        if self.cluster is None:
+            with phase(self.timings, "ray_start"):
+                self.cluster = connect_ray(self.cfg.ray)
+            self.resources = trial_resources(self.cfg.compute, self.cluster)
+            c = self.cluster
+            self.say(f"Ray at {c.address} ({c.cpus:g} CPUs, {c.gpus:g} GPUs); {what}; per trial {self.resources}")
+        return self.cluster, self.resources
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            with phase(self.timings, "ray_shutdown"):
+                release_ray(self.cluster)
+            self.cluster = None
+
+
 @contextmanager
-def ray_session(cfg: RunConfig, timings: dict[str, float], say: Callable[[str], None],
-                what: str) -> Iterator[tuple[ClusterInfo, dict[str, float]]]:
-    """Connect to Ray for the duration of the block and size the per-trial request."""
-    with phase(timings, "ray_start"):
-        cluster = connect_ray(cfg.ray)
+def ray_session(cfg: RunConfig, timings: dict[str, float], say: Callable[[str], None]) -> Iterator[RaySession]:
+    """A :class:`RaySession` for the block; an instance it started is shut down at the end."""
+    session = RaySession(cfg, timings, say)
     try:
-        resources = trial_resources(cfg.compute, cluster)
-        say(f"Ray at {cluster.address} ({cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs); {what}; per trial {resources}")
-        yield cluster, resources
+        yield session
     finally:
-        with phase(timings, "ray_shutdown"):
-            release_ray(cluster)
+        session.close()

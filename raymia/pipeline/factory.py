@@ -16,20 +16,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from raymia.cache import ModelCache
 from raymia.data.datasets import Dataset
-from raymia.data.queries import LabelOnlyConfig
 from raymia.defenses import DefenseContext, make_defense
-from raymia.models.classifiers import build_model
-from raymia.pipeline.jobs import TrainJob
-from raymia.signals import compute_signals
+from raymia.pipeline.plan import AuditPlan, TrainJob
+from raymia.signals import ModelSignals, compute_signals
 from raymia.training.ensemble import train_many
 
 Strategy = Literal["auto", "vmap", "loop"]
+Builders = Mapping[str, Callable[..., nn.Module]]
 
 
 @dataclass
@@ -44,31 +42,32 @@ class FactoryStats:
 
 
 def train_models(jobs: Sequence[TrainJob], dataset: Dataset, *, strategy: Strategy = "auto",
-                 device: torch.device | str = "cpu", builders: Mapping[str, Callable[..., nn.Module]] | None = None,
+                 device: torch.device | str = "cpu", builders: Builders | None = None,
+                 on_epoch: Callable[[int, nn.Module], None] | None = None,
                  ) -> tuple[dict[str, nn.Module], int, dict[str, dict[str, float]]]:
     """Train every job with its target's defense.
 
     Returns the models and the numbers their training reported (e.g. DP epsilon) by job id, and how many models
-    were trained inside a ``vmap`` ensemble. Single-stage defenses train a configuration's models as one group
-    (:func:`~raymia.training.ensemble.train_many`); multi-stage ones (DMP, SELENA) run their own plan per model.
+    were trained inside a ``vmap`` ensemble. Single-stage defenses train each of a configuration's fixed groups
+    (:attr:`TrainJob.group`) together (:func:`~raymia.training.ensemble.train_many`); multi-stage ones (DMP,
+    SELENA) run their own plan per model.
+    ``on_epoch(epoch, model)`` is called after every epoch of one-by-one training (it turns ``vmap`` off).
     """
-    builders = builders or {}
     x, y = torch.from_numpy(dataset.x), torch.from_numpy(dataset.y)
-    groups: dict[str, list[TrainJob]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[TrainJob]] = defaultdict(list)
     for job in jobs:
-        groups[job.target.name].append(job)
+        groups[job.target.name, job.group].append(job)
     models: dict[str, nn.Module] = {}
     extras: dict[str, dict[str, float]] = {}
     vmapped = 0
     for group in groups.values():
-        target = group[0].target
+        target, first = group[0].target, group[0]
         defense = make_defense(target.defense)
-        spec = defense.model_spec(target.model)
 
         def build(seed: int) -> nn.Module:
-            return build_model(spec, dataset.input_shape, dataset.num_classes, seed=seed, builder=builders.get(spec.arch))
+            return first.build(dataset, seed=seed, builders=builders)
 
-        rows = group[0].defense_rows
+        rows = first.defense_rows
         ctx = DefenseContext(dataset, rows.calibration, rows.reference, device)
         if defense.multi_stage:
             for job in group:
@@ -79,7 +78,8 @@ def train_models(jobs: Sequence[TrainJob], dataset: Dataset, *, strategy: Strate
         built = [build(j.seed) for j in group]
         n_vmapped, group_extras = train_many(
             built, x, y, [j.train_indices for j in group], recipe, [j.seed for j in group],
-            make_policy=lambda n, seed: defense.policy(ctx, recipe, n, seed), strategy=strategy, device=device)
+            make_policy=lambda n, seed: defense.policy(ctx, recipe, n, seed),
+            strategy="loop" if on_epoch is not None else strategy, device=device, on_epoch=on_epoch)
         vmapped += n_vmapped
         models.update({j.job_id: m for j, m in zip(group, built)})
         extras.update({j.job_id: e for j, e in zip(group, group_extras)})
@@ -87,31 +87,29 @@ def train_models(jobs: Sequence[TrainJob], dataset: Dataset, *, strategy: Strate
 
 
 def load_trained(job: TrainJob, dataset: Dataset, cache: ModelCache,
-                 builders: Mapping[str, Callable[..., nn.Module]] | None = None) -> tuple[nn.Module, dict] | None:
+                 builders: Builders | None = None) -> tuple[nn.Module, dict] | None:
     """The job's trained classifier (eval mode) and its training extras from the cache, or ``None``."""
     cached = cache.load_model(job.key)
     if cached is None:
         return None
-    spec = make_defense(job.target.defense).model_spec(job.target.model)
-    model = build_model(spec, dataset.input_shape, dataset.num_classes, builder=(builders or {}).get(spec.arch))
+    model = job.build(dataset, builders=builders)
     model.load_state_dict(cached[0])
     return model.eval(), cached[1]
 
 
-def produce_signals(jobs: Sequence[TrainJob], dataset: Dataset, scored: np.ndarray, cache: ModelCache, *,
-                    query_views: list[str], label_only: LabelOnlyConfig, views_id: str, reuse: bool = True,
-                    strategy: Strategy = "auto", device: torch.device | str = "cpu",
-                    builders: Mapping[str, Callable[..., nn.Module]] | None = None) -> FactoryStats:
-    """Make sure the cache holds weights and outputs (on ``scored`` rows) of every job; train only what is missing.
+def produce_signals(jobs: Sequence[TrainJob], plan: AuditPlan, cache: ModelCache, *, reuse: bool = True,
+                    device: torch.device | str = "cpu", builders: Builders | None = None) -> FactoryStats:
+    """Make sure the cache holds weights and outputs (on the plan's scored rows, in its query views) of every
+    job; train only what is missing.
 
     With ``reuse=False`` everything is retrained and overwritten (for benchmarks and forced refreshes).
     """
     start = time.perf_counter()
-    builders = builders or {}
+    cfg, dataset = plan.config, plan.dataset
     stats = FactoryStats()
     need_outputs: list[TrainJob] = []
     for job in jobs:
-        if reuse and cache.load_signals(job.key, views_id) is not None:
+        if reuse and cache.load_signals(job.key, plan.views_id) is not None:
             stats.reused_signals += 1
         else:
             need_outputs.append(job)
@@ -125,16 +123,29 @@ def produce_signals(jobs: Sequence[TrainJob], dataset: Dataset, scored: np.ndarr
             continue
         models[job.job_id], extras[job.job_id] = loaded
         stats.reused_models += 1
-    trained, stats.vmapped, trained_extras = train_models(to_train, dataset, strategy=strategy, device=device,
-                                                          builders=builders)
+    trained, stats.vmapped, trained_extras = train_models(to_train, dataset, strategy=cfg.reference.strategy,
+                                                          device=device, builders=builders)
     for job in to_train:
         cache.save_model(job.key, trained[job.job_id].state_dict(), trained_extras[job.job_id])
         stats.trained.append(job.job_id)
     models.update(trained)
     extras.update(trained_extras)
-    outputs = compute_signals([models[j.job_id] for j in need_outputs], dataset.x[scored], query_views, label_only,
-                              device=device)
+    outputs = compute_signals([models[j.job_id] for j in need_outputs], dataset.x[plan.scored_indices],
+                              list(cfg.attacks.queries), cfg.attacks.label_only, device=device)
     for job, signals in zip(need_outputs, outputs):
-        cache.save_signals(job.key, views_id, dataclasses.replace(signals, extra=extras[job.job_id]))
+        cache.save_signals(job.key, plan.views_id, dataclasses.replace(signals, extra=extras[job.job_id]))
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def load_signals(jobs: Sequence[TrainJob], plan: AuditPlan, cache: ModelCache
+                 ) -> tuple[dict[str, ModelSignals], list[TrainJob]]:
+    """Outputs of every job found intact in the cache, and the jobs still missing."""
+    found, missing = {}, []
+    for job in jobs:
+        s = cache.load_signals(job.key, plan.views_id)
+        if s is None:
+            missing.append(job)
+        else:
+            found[job.job_id] = s
+    return found, missing

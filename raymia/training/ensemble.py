@@ -22,9 +22,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from raymia.training.loop import (TrainingPolicy, TrainRecipe, TrainResult, augment_batch, epoch_orders,
-                                  make_optimizer, make_scheduler, train_classifier)
-
+from raymia.training.loop import (
+    TrainingPolicy,
+    TrainRecipe,
+    TrainResult,
+    augment_batch,
+    epoch_orders,
+    make_lr_schedule,
+    make_optimizer,
+    train_classifier,
+)
 
 #: Above this many parameters per model, batched matmuls on CPU are slower than a loop of plain ones.
 CPU_VMAP_MAX_PARAMS = 150_000
@@ -68,7 +75,7 @@ def train_ensemble(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor
 
     optimizer = make_optimizer(params.values(), recipe)
     steps_per_epoch = max(1, -(-n // recipe.batch_size))
-    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
+    scheduler = make_lr_schedule(optimizer, recipe, steps_per_epoch)
     orders = [epoch_orders(n, s) for s in seeds]
     torch.manual_seed(seeds[0])
 
@@ -105,11 +112,13 @@ def train_ensemble(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor
 def train_many(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, index_sets: Sequence[np.ndarray],
                recipe: TrainRecipe, seeds: Sequence[int], *,
                make_policy: Callable[[int, int], TrainingPolicy | None] = lambda n, seed: None, strategy: str = "auto",
-               device: torch.device | str = "cpu") -> tuple[int, list[dict[str, float]]]:
+               device: torch.device | str = "cpu", on_epoch: Callable[[int, nn.Module], None] | None = None
+               ) -> tuple[int, list[dict[str, float]]]:
     """Train ``models[k]`` in place on rows ``index_sets[k]`` of ``x``/``y`` with ``seeds[k]``.
 
     Same-size groups train together with ``vmap`` where :func:`prefers_vmap` (or ``strategy="vmap"``) allows,
-    the rest one by one. ``make_policy(n, seed)`` builds a fresh training policy for a model trained on n samples.
+    the rest one by one. ``make_policy(n, seed)`` builds a fresh training policy for a model trained on n samples;
+    ``on_epoch`` is passed to :func:`~raymia.training.loop.train_classifier` for models trained one by one.
     Returns how many models were trained inside a ``vmap`` ensemble and each model's policy extras.
     """
     by_size: dict[int, list[int]] = {}
@@ -126,6 +135,7 @@ def train_many(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, in
         for k in ks:
             policy = make_policy(n, seeds[k])
             rows = torch.as_tensor(np.asarray(index_sets[k]), dtype=torch.long)
-            train_classifier(models[k], x[rows], y[rows], recipe, seed=seeds[k], policy=policy, device=device)
+            train_classifier(models[k], x[rows], y[rows], recipe, seed=seeds[k], policy=policy, device=device,
+                             on_epoch=on_epoch)
             extras[k] = dict(policy.extra) if policy is not None else {}
     return vmapped, extras

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -116,7 +116,7 @@ def make_optimizer(params: Iterable[torch.Tensor], recipe: TrainRecipe) -> torch
     return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe, steps_per_epoch: int
+def make_lr_schedule(optimizer: torch.optim.Optimizer, recipe: TrainRecipe, steps_per_epoch: int
                    ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Per-step LR schedule (``None`` for a constant rate)."""
     if recipe.lr_schedule == "cosine":
@@ -153,7 +153,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe:
     optimizer = make_optimizer(model.parameters(), recipe)
     model, optimizer = policy.attach(model, optimizer)
     steps_per_epoch = max(1, -(-len(x) // recipe.batch_size))
-    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
+    scheduler = make_lr_schedule(optimizer, recipe, steps_per_epoch)
     orders = epoch_orders(len(x), seed)
     epochs = range(recipe.epochs)
     bar = None

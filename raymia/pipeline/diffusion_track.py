@@ -15,6 +15,7 @@ teachers in parallel) and stored in the model cache under content keys; evaluati
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,16 +24,26 @@ from torch import nn
 
 from raymia.attacks.diffusion import attack_scores
 from raymia.attacks.suite import AttackResult
-from raymia.cache import ModelCache, content_key
+from raymia.cache import ModelCache
 from raymia.config import DiffusionAuditConfig
 from raymia.data.datasets import Dataset
-from raymia.diffusion.dual import DistillSchedule, split_halves
-from raymia.diffusion.fid import Features, frechet_distance, inception_features, proxy_features
-from raymia.diffusion.model import build_unet, load_cached_unet, make_scheduler, to_model_range
-from raymia.diffusion.sampling import EpsFn, parity_eps, sample, unet_eps
+from raymia.diffusion.dual_model import DistillSchedule, parity_eps, split_halves
+from raymia.diffusion.fid import (
+    Features,
+    frechet_distance,
+    inception_features,
+    proxy_features,
+)
+from raymia.diffusion.model import (
+    build_unet,
+    load_cached_unet,
+    make_noise_schedule,
+    to_model_range,
+)
+from raymia.diffusion.sampling import EpsFn, sample, unet_eps
 from raymia.diffusion.train import train_diffusion
+from raymia.keys import content_key, derive_seed
 from raymia.metrics import AttackMetrics
-from raymia.pipeline.audit import derive_seed
 
 #: Which trained models each audited system needs.
 SYSTEM_MODELS = {"undefended": ("undefended",), "dualmd": ("teacher1", "teacher2"),
@@ -126,7 +137,7 @@ def train_job(plan: DiffusionPlan, name: str, cache: ModelCache, *, device: torc
         schedule = DistillSchedule(plan.half_positions(), recipe.batch_size, tuple(teachers),
                                    record=schedule_log is not None)
         target_fn, batch_rows = schedule.target, schedule.batch_rows
-    ema = train_diffusion(unet, make_scheduler(cfg.model), x01, recipe, seed=job.seed, device=device,
+    ema = train_diffusion(unet, make_noise_schedule(cfg.model), x01, recipe, seed=job.seed, device=device,
                           target_fn=target_fn, batch_rows=batch_rows)
     seconds = time.perf_counter() - start
     cache.save_model(job.key, ema.state_dict(), {"seconds": seconds})
@@ -215,7 +226,7 @@ def evaluate_system(plan: DiffusionPlan, system: DiffusionSystem, features: Feat
     """Attack the system white-box on the members vs non-members, sample from it and compute FID."""
     cfg = plan.config
     start = time.perf_counter()
-    schedule = make_scheduler(cfg.model)
+    schedule = make_noise_schedule(cfg.model)
     abar = schedule.alphas_cumprod.to(device)
     x = {r: to_model_range(torch.from_numpy(plan.dataset.x[plan.roles[r]])).to(device)
          for r in ("members", "nonmembers")}
@@ -254,3 +265,16 @@ def real_data_fid(plan: DiffusionPlan, features: Features) -> float:
     with this many samples."""
     return frechet_distance(features(torch.from_numpy(plan.dataset.x[plan.roles["nonmembers"]])),
                             features(torch.from_numpy(plan.dataset.x[plan.roles["heldout"]])))
+
+
+def train_locally(plan: DiffusionPlan, cache: ModelCache, *, device: torch.device | str = "cpu",
+                  echo: Callable[[str], None] = lambda line: None) -> dict[str, float]:
+    """Train the models the cache lacks in this process, stage by stage; returns seconds per trained model."""
+    seconds = {}
+    for stage in plan.stages():
+        for job in stage:
+            out = train_job(plan, job.name, cache, device=device)
+            if not out.get("reused"):
+                seconds[job.name] = out["seconds"]
+                echo(f"  trained {job.name}  {out['seconds']:.1f} s")
+    return seconds

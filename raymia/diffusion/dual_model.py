@@ -3,7 +3,8 @@
 Both split the members D into disjoint halves D1, D2 and train a teacher θ1 on D1 and θ2 on D2.
 
 - DualMD deploys both and samples with them alternately (:func:`raymia.diffusion.sampling.sample` with two
-  ε-functions), one network call per step.
+  ε-functions), one network call per step; a white-box attacker of the deployed system queries
+  :func:`parity_eps`, the ε-function that sampler uses at each timestep.
 - DistillMD deploys only a student trained on member images whose regression target is the ε̂ of the teacher
   that did NOT train on the image: each batch comes from one half (D1 on even steps, D2 on odd steps) and the
   ground-truth noise is never used.
@@ -24,6 +25,22 @@ def split_halves(members: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray
     perm = np.random.default_rng(seed).permutation(len(members))
     half = len(members) // 2
     return np.sort(members[perm[:half]]), np.sort(members[perm[half:]])
+
+
+def parity_eps(theta1: EpsFn, theta2: EpsFn) -> EpsFn:
+    """DualMD's system as a white-box attacker queries it: ε̂ from θ2 where t is even, θ1 where t is odd (the
+    model its DDPM sampler uses at that step). Each model is called only on its own rows."""
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        even = t % 2 == 0
+        if even.all():
+            return theta2(x, t)
+        if not even.any():
+            return theta1(x, t)
+        out = torch.empty_like(x)
+        out[even] = theta2(x[even], t[even])
+        out[~even] = theta1(x[~even], t[~even])
+        return out
+    return eps
 
 
 @dataclass

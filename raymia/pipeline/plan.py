@@ -1,0 +1,198 @@
+"""What an audit will train before anything trains: the split, the reference keep-mask and one job per model.
+
+A :class:`TrainJob` is one classifier (a target or one of its reference models) with everything that determines
+its weights, so its content key says when a cached model can be reused. The defended architecture of a target
+configuration (:func:`defended_spec`) is worked out here once and read from the job everywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import TypeAdapter
+from torch import nn
+
+import raymia
+from raymia.config import AuditConfig, TargetConfig
+from raymia.data.datasets import Dataset
+from raymia.data.queries import is_image, views_fingerprint
+from raymia.data.splits import SplitPlan, make_split_plan, reference_keep_mask
+from raymia.defenses import DefenseConfig, make_defense
+from raymia.errors import UserError
+from raymia.imports import is_import_path
+from raymia.keys import content_key, derive_seed
+from raymia.models.classifiers import (
+    ModelSpec,
+    build_model,
+    check_model,
+    resolve_builder,
+)
+from raymia.sweep import expand_sweep, variant_label
+
+
+def defended_spec(target: TargetConfig) -> ModelSpec:
+    """The architecture actually trained for ``target`` (its defense may change it, e.g. add dropout)."""
+    return make_defense(target.defense).model_spec(target.model)
+
+
+@dataclass(frozen=True, eq=False)
+class DefenseRows:
+    """Dataset rows a defense may use besides the protected ones: the defender-held calibration split
+    (validation) and the population split (reference data disjoint from every audited sample)."""
+
+    calibration: np.ndarray
+    reference: np.ndarray
+
+
+NO_ROWS = DefenseRows(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+@dataclass(frozen=True, eq=False)
+class TrainJob:
+    """A target or one of its reference models, and its content-addressed cache key.
+
+    The key covers architecture, recipe, defense (and the rows it uses), data fingerprint, the exact training
+    indices, the seed, the models it trains together with, and the raymia version: change any of them and the
+    model is retrained.
+    """
+
+    job_id: str
+    target: TargetConfig
+    role: Literal["target", "reference"]
+    index: int
+    train_indices: np.ndarray
+    seed: int
+    data_fingerprint: str
+    defense_rows: DefenseRows = NO_ROWS
+    group: int = 0  # the fixed training group (``reference.group_size``) this model trains in
+    group_seeds: tuple[int, ...] = ()  # the seeds of that group's models, in order (they share vmap randomness)
+
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The defended architecture this job trains."""
+        return defended_spec(self.target)
+
+    @property
+    def key(self) -> str:
+        uses_rows = make_defense(self.target.defense).uses_context_rows
+        return content_key({
+            "model": self.target.model.model_dump(mode="json"),
+            "train": self.target.train.model_dump(mode="json"),
+            "defense": self.target.defense.model_dump(mode="json"),
+            "defense_rows": [self.defense_rows.calibration, self.defense_rows.reference] if uses_rows else None,
+            "data": self.data_fingerprint,
+            "indices": np.asarray(self.train_indices, dtype=np.int64),
+            "seed": self.seed,
+            "group": list(self.group_seeds),
+            "code": raymia.__version__,
+        })
+
+    def build(self, dataset: Dataset, *, seed: int | None = None,
+              builders: dict[str, Callable[..., nn.Module]] | None = None) -> nn.Module:
+        """A fresh network of this job's defended architecture for ``dataset``."""
+        spec = self.spec
+        return build_model(spec, dataset.input_shape, dataset.num_classes, seed=seed,
+                           builder=(builders or {}).get(spec.arch))
+
+
+@dataclass(frozen=True, eq=False)
+class AuditPlan:
+    """Everything decided before training: data, split, reference pool and keep-mask, the models to train."""
+
+    config: AuditConfig
+    dataset: Dataset
+    split: SplitPlan
+    pool: np.ndarray  # sorted dataset rows reference models sample their training sets from
+    keep: np.ndarray  # bool [K, |pool|]
+    jobs: list[TrainJob]
+    scored_indices: np.ndarray  # sorted dataset rows every model is queried on
+    views_id: str
+
+    def target_jobs(self, target: str) -> list[TrainJob]:
+        """The target first, then its reference models in order."""
+        return [j for j in self.jobs if j.target.name == target]
+
+
+def check_target(target: TargetConfig, dataset: Dataset, *, field: str) -> None:
+    """Build the target's (defended) architecture and run it once, so bad plug-ins or incompatible defenses fail
+    before training."""
+    spec = defended_spec(target)
+    check_model(spec, dataset.input_shape, dataset.num_classes, field=f"{field}.model")
+    make_defense(target.defense).check(build_model(spec, dataset.input_shape, dataset.num_classes),
+                                       field=f"{field}.defense")
+
+
+def plan_audit(cfg: AuditConfig, dataset: Dataset) -> AuditPlan:
+    """Split the data, draw the reference keep-mask and list one job per target and reference model.
+
+    The reference pool holds the audited samples (members and non-members; plus the population if configured),
+    so every audited sample is IN for about ``pkeep * K`` reference models (LiRA/RMIA online need IN models).
+    A sweep's configurations get their jobs when they are audited (:func:`jobs_for_target`).
+    """
+    for i, t in enumerate(cfg.targets):
+        check_target(t, dataset, field=f"targets.{i}")
+    if "hflip" in cfg.attacks.queries and not is_image(dataset.input_shape):
+        raise UserError(f"hflip needs image inputs; {dataset.name} has feature vectors of shape "
+                        f"{dataset.input_shape}; use [identity]", field="attacks.queries")
+    fp = dataset.fingerprint()
+    split = make_split_plan(len(dataset), cfg.split.fractions(), seed=cfg.seed, data_fingerprint=fp)
+    ref = cfg.reference
+    pool_roles = ["target_members", "target_nonmembers"] + (["population"] if ref.pool != "audited" else [])
+    pool = np.sort(np.concatenate([split[r] for r in pool_roles]))
+    keep = reference_keep_mask(len(pool), ref.count, fraction=ref.pkeep, seed=cfg.seed)
+    views_id = views_fingerprint(list(cfg.attacks.queries), cfg.attacks.label_only)
+    plan = AuditPlan(cfg, dataset, split, pool, keep, [], split.used_indices(), views_id)
+    return dataclasses.replace(plan, jobs=[j for t in cfg.targets for j in jobs_for_target(plan, t)])
+
+
+def jobs_for_target(plan: AuditPlan, target: TargetConfig) -> list[TrainJob]:
+    """The target's job (trained on the members and the defender's known members) and one job per reference model
+    (its keep-mask row)."""
+    cfg, split, fp = plan.config, plan.split, plan.split.data_fingerprint
+    rows = DefenseRows(split["calibration"], split["population"])
+    members = np.union1d(split["target_members"], split["calibration_members"])  # known members are trained on too
+    # seeds follow what is trained, not the configuration's name: a renamed configuration (e.g. "<name>+diffence")
+    # maps to the same models in the cache
+    recipe = json.dumps(target.model_dump(mode="json", exclude={"name"}), sort_keys=True)
+    seeds = [derive_seed(cfg.seed, recipe, "target")]
+    seeds += [derive_seed(cfg.seed, recipe, "reference", k) for k in range(cfg.reference.count)]
+    # fixed training groups: the models in order, in as few near-equal groups as group_size allows
+    n_groups = -(-len(seeds) // cfg.reference.group_size)
+    group_of = np.concatenate([np.full(len(c), g) for g, c in enumerate(np.array_split(np.arange(len(seeds)), n_groups))])
+    members_of = {g: tuple(s for s, h in zip(seeds, group_of) if h == g) for g in range(n_groups)}
+    jobs = [TrainJob(f"{target.name}/target", target, "target", 0, members, seeds[0], fp, rows, 0, members_of[0])]
+    for k in range(cfg.reference.count):
+        g = int(group_of[k + 1])
+        jobs.append(TrainJob(f"{target.name}/ref-{k:03d}", target, "reference", k, plan.pool[plan.keep[k]],
+                             seeds[k + 1], fp, rows, g, members_of[g]))
+    return jobs
+
+
+def plugin_builders(cfg: AuditConfig) -> dict[str, Callable[..., nn.Module]]:
+    """The user architectures (``module:function``) the config names, resolved once here."""
+    specs = [(f"targets.{i}.model", t.model) for i, t in enumerate(cfg.targets)]
+    if cfg.sweep is not None:
+        specs.append(("sweep.base.model", cfg.sweep.base.model))
+    return {spec.arch: resolve_builder(spec, field=field) for field, spec in specs if is_import_path(spec.arch)}
+
+
+_DEFENSE = TypeAdapter(DefenseConfig)
+
+
+def sweep_targets(cfg: AuditConfig, dataset: Dataset) -> list[TargetConfig]:
+    """The sweep's concrete configurations (:func:`~raymia.sweep.expand_sweep`), each named by its settings and
+    checked (built and run once) before anything trains."""
+    sweep = cfg.sweep
+    targets = []
+    for i, defense in expand_sweep(sweep, cfg.seed):
+        d = _DEFENSE.validate_python(defense)
+        target = TargetConfig(name=variant_label(d), model=sweep.base.model, train=sweep.base.train, defense=d)
+        check_target(target, dataset, field=f"sweep.defenses.{i}")
+        targets.append(target)
+    return targets
