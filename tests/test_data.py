@@ -99,3 +99,37 @@ def test_reference_keep_mask_pairs_balance_every_sample():
 def test_reference_keep_mask_other_fractions_have_exact_sizes():
     keep = reference_keep_mask(100, 5, fraction=0.3, seed=0)
     assert (keep.sum(axis=1) == 30).all()
+
+
+def test_fashion_mnist_loads_offline_from_the_debian_package():
+    ds = load_dataset("fashion_mnist")
+    assert ds.x.shape == (70000, 1, 28, 28) and ds.num_classes == 10 and ds.x.dtype == np.float32
+    assert 0.0 <= ds.x.min() and ds.x.max() <= 1.0 and np.bincount(ds.y).tolist() == [7000] * 10
+    small = load_dataset("fashion_mnist", params={"subset": 500})
+    assert len(small) == 500 and small.name == "fashion_mnist[500]"
+    np.testing.assert_array_equal(small.x, load_dataset("fashion_mnist", params={"subset": 500}).x)
+
+
+def test_fashion_mnist_reads_torchvisions_layout_and_rejects_missing_or_corrupt_files(tmp_path):
+    import shutil
+
+    from raymia.data.datasets import FASHION_MNIST_ROOT
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in FASHION_MNIST_ROOT.glob("*.gz"):
+        shutil.copy(f, raw / f.name)
+    assert len(load_dataset("fashion_mnist", data_root=tmp_path)) == 70000  # torchvision's root/FashionMNIST/raw
+    with pytest.raises(UserError, match="data.data_root: Fashion-MNIST is not under .*apt-get install"):
+        load_dataset("fashion_mnist", data_root=tmp_path / "empty")
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(UserError, match="data.data_root: cannot read .*t10k-labels"):
+        load_dataset("fashion_mnist", data_root=tmp_path)
+    import gzip
+
+    with gzip.open(raw / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write((2049).to_bytes(4, "big") + (10000).to_bytes(4, "big") + bytes(100))  # truncated body
+    with pytest.raises(UserError, match="not the expected IDX file"):
+        load_dataset("fashion_mnist", data_root=tmp_path)
+    with pytest.raises(UserError, match="data.params.subset"):
+        load_dataset("fashion_mnist", params={"subset": 5})

@@ -1,4 +1,5 @@
-"""Dataset registry: bundled ``digits`` (default), CIFAR-10/100 from a local folder, user ``.npz`` files, plug-ins.
+"""Dataset registry: bundled ``digits`` (default), Fashion-MNIST (Debian's package, or a local folder), CIFAR-10/100
+from a local folder, user ``.npz`` files, plug-ins.
 
 Every loader returns a :class:`Dataset` whose features are float32 arrays. Image datasets are NCHW in [0, 1].
 Nothing is downloaded unless the config says ``download: true``.
@@ -6,6 +7,7 @@ Nothing is downloaded unless the config says ``download: true``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,11 @@ class Dataset:
         return len(self.y)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the features, labels and shapes: changes whenever the data does."""
+        """SHA-256 of the features, labels and shapes: changes whenever the data does (computed once)."""
+        return self._fingerprint
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(repr((self.x.shape, str(self.x.dtype), self.num_classes)).encode())
         h.update(np.ascontiguousarray(self.x).tobytes())
@@ -118,6 +124,79 @@ def _cifar(name: str, tv_class_name: str, folder: str) -> Callable[..., Dataset]
     return load
 
 
+#: Where Debian's ``dataset-fashion-mnist`` package puts the four IDX files (``make install`` installs it).
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
+                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000)}
+_INSTALL_FASHION = ("install Debian's package (apt-get install dataset-fashion-mnist; `make install` does it as "
+                    "root), set data.data_root to a folder holding the four Fashion-MNIST .gz files, or set "
+                    "data.download: true to fetch them through torchvision")
+
+
+def read_idx(path: Path, *, magic: int, count: int, item_shape: tuple[int, ...]) -> np.ndarray:
+    """An IDX file (gzipped; as LeCun's MNIST and Zalando's Fashion-MNIST ship) as a uint8 array
+    ``[count, *item_shape]``; a :class:`UserError` if it is missing, truncated or not what it should be."""
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); {_INSTALL_FASHION}", field="data.data_root") from None
+    dims = len(item_shape) + 1
+    header = 4 + 4 * dims
+    if len(data) < header:
+        raise UserError(f"{path} is truncated (no IDX header); {_INSTALL_FASHION}", field="data.data_root")
+    found_magic = int.from_bytes(data[:4], "big")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    if found_magic != magic or shape != (count, *item_shape) or len(data) != header + int(np.prod(shape)):
+        raise UserError(f"{path} is not the expected IDX file (magic {found_magic}, shape {shape}, {len(data)} bytes; "
+                        f"expected magic {magic}, shape {(count, *item_shape)}); {_INSTALL_FASHION}",
+                        field="data.data_root")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _fashion_folder(root: Path) -> Path:
+    """The folder holding the four files: ``root`` itself, or torchvision's ``root/FashionMNIST/raw``."""
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        if all((folder / f).is_file() for name in _FASHION_FILES for f in _FASHION_FILES[name][:2]):
+            return folder
+    return root
+
+
+def _load_fashion_mnist(data_root: Path | None = None, download: bool = False, subset: int | None = None,
+                        **_: Any) -> Dataset:
+    """Zalando's Fashion-MNIST: 70,000 28x28 grayscale images of 10 clothing classes (the 60,000 training images,
+    then the 10,000 test images), ``[70000, 1, 28, 28]`` in [0, 1]. ``data.params: {subset: n}`` keeps n of them
+    (a fixed seeded draw, in their original order), for quick runs."""
+    root = Path(data_root).expanduser().resolve() if data_root is not None else FASHION_MNIST_ROOT
+    if download:
+        import torchvision
+
+        try:
+            for train in (True, False):
+                torchvision.datasets.FashionMNIST(root=str(root), train=train, download=True)
+        except (RuntimeError, OSError) as exc:
+            raise UserError(f"could not download Fashion-MNIST into {root} ({exc})", field="data.download") from None
+    folder = _fashion_folder(root)
+    missing = [f for name in _FASHION_FILES for f in _FASHION_FILES[name][:2] if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"Fashion-MNIST is not under {root}: missing {missing}; {_INSTALL_FASHION}",
+                        field="data.data_root")
+    xs, ys = [], []
+    for images, labels, count in _FASHION_FILES.values():
+        xs.append(read_idx(folder / images, magic=2051, count=count, item_shape=(28, 28)))
+        ys.append(read_idx(folder / labels, magic=2049, count=count, item_shape=()))
+    x, y = np.concatenate(xs)[:, None], np.concatenate(ys)
+    if subset is not None:
+        if not isinstance(subset, int) or not 20 <= subset <= len(y):
+            raise UserError(f"subset must be an integer from 20 to {len(y)}, got {subset!r}", field="data.params.subset")
+        keep = np.sort(np.random.default_rng(0).choice(len(y), subset, replace=False))
+        x, y = x[keep], y[keep]
+    return make_dataset("fashion_mnist" if subset is None else f"fashion_mnist[{subset}]", x.astype(np.float32) / 255.0,
+                        y, num_classes=10)
+
+
 def _load_npz(path: Path | None = None, **_: Any) -> Dataset:
     if path is None:
         raise UserError("the npz dataset needs a file; set data.path to an .npz holding arrays 'X' and 'y'",
@@ -141,6 +220,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": _load_digits,
     "cifar10": _cifar("cifar10", "CIFAR10", "cifar-10-batches-py"),
     "cifar100": _cifar("cifar100", "CIFAR100", "cifar-100-python"),
+    "fashion_mnist": _load_fashion_mnist,
     "npz": _load_npz,
 }
 
