@@ -8,9 +8,24 @@ CONFIG ?= configs/quickstart.yaml
 export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: install run test bench ui clean
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-install: $(STAMP)
+.PHONY: install run test test-all bench ui clean data
+
+install: $(STAMP) data
+
+data:                   ## Fashion-MNIST from Debian's package (offline), when missing and we are root
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's dataset-fashion-mnist"; \
+	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+	      echo "could not install dataset-fashion-mnist; Fashion-MNIST audits and tests will say how to get it"; \
+	  else \
+	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or set" \
+	         "data.data_root to a folder with its four .gz files"; \
+	  fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +35,11 @@ $(STAMP): pyproject.toml
 run: install            ## audit the quickstart config (digits, local Ray, MLflow in ./mlflow.db)
 	$(VENV)/bin/raymia audit $(CONFIG)
 
-test: install           ## the whole test suite
+test: install           ## the test suite without the long end-to-end runs (pytest reports how many it deselected)
+	$(PY) -m pytest -q -m "not slow"
+	@echo "(the long end-to-end runs marked slow were deselected: run them with 'make test-all')"
+
+test-all: install       ## every test, the long end-to-end runs included (cluster, claims at scale, DP audits)
 	$(PY) -m pytest -q
 
 bench: install          ## time the quickstart by phase

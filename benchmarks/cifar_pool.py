@@ -18,7 +18,6 @@ import time
 import numpy as np
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data-root", default=None, help="folder holding cifar-10-batches-py/ (else random tensors)")
@@ -36,12 +35,12 @@ def main() -> None:
     quiet_defaults()
     import torch
 
-    from raymia.machine import describe_machine
     from raymia.cache import ModelCache
     from raymia.config import parse_config
     from raymia.data.datasets import load_dataset, make_dataset
-    from raymia.orchestration.session import RaySession
+    from raymia.machine import describe_machine
     from raymia.orchestration.fanout import produce_on_ray
+    from raymia.orchestration.session import RaySession
     from raymia.pipeline.factory import load_signals
     from raymia.pipeline.plan import plan_audit
 

@@ -17,7 +17,6 @@ import argparse
 import time
 
 
-
 def matmul_rate(device, dtype, seconds: float = 1.0) -> float:
     """Dense matmul FLOP/s on ``device`` in ``dtype`` (2048² products on a CPU, 8192² on a GPU)."""
     import torch
@@ -48,9 +47,9 @@ def main() -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from raymia.machine import describe_machine
     from raymia.defenses.diffence import Diffence, DiffenceConfig
     from raymia.diffusion.model import DiffusionSpec, build_unet, make_noise_schedule
+    from raymia.machine import describe_machine
     from raymia.models.classifiers import ModelSpec, build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,8 +26,8 @@ def main() -> None:
     args = p.parse_args()
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from raymia.audit import run_audit
-    from raymia.machine import describe_machine
     from raymia.config import load_config
+    from raymia.machine import describe_machine
 
     imported = time.perf_counter() - T0
     with tempfile.TemporaryDirectory() as d:

@@ -16,7 +16,6 @@ import tempfile
 import time
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--k", type=int, default=64)
@@ -26,12 +25,12 @@ def main() -> None:
     from raymia.quiet import quiet_defaults
 
     quiet_defaults()
-    from raymia.machine import describe_machine
     from raymia.cache import ModelCache
     from raymia.config import parse_config
     from raymia.data.datasets import load_dataset
-    from raymia.orchestration.session import RaySession
+    from raymia.machine import describe_machine
     from raymia.orchestration.fanout import produce_on_ray
+    from raymia.orchestration.session import RaySession
     from raymia.pipeline.plan import plan_audit
 
     dataset = load_dataset("digits")

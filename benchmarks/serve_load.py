@@ -85,7 +85,7 @@ def main() -> None:
                    "targets": [{"name": "mlp", "model": {"params": {"hidden": [256]}},
                                 "train": {"epochs": 60, "batch_size": 32, "lr": 0.002}}],
                    "reference": {"count": 2}, "attacks": {"enabled": ["loss"]},
-                   "diffence": {"n": args.n, "scenario": 1, "train": {"steps": 300}, "eval_population": 20},
+                   "diffence": {"n": args.n, "scenario": 1, "train": {"steps": 300}},
                    "frontier": {"leakage": "auc"},
                    "champion": {"rule": "min_leakage", "max_accuracy_drop": 0.5, "registry_name": "bench"},
                    "tracking": {"uri": f"sqlite:///{d}/mlflow.db", "experiment": "bench"}, "output_dir": f"{d}/runs"}

@@ -1,5 +1,5 @@
-"""A real two-node Ray cluster plus an MLflow server on this machine, on 127.0.0.1 and non-default ports —
-what a cluster looks like, small enough for a laptop and for the tests.
+"""A real two-node Ray cluster plus an MLflow server on this machine, on 127.0.0.1 and free ports chosen at start
+— what a cluster looks like, small enough for a laptop and for the tests.
 
     .venv/bin/python infra/local_cluster.py /tmp/raymia-cluster     # start, print the addresses, wait for Ctrl-C
 
@@ -7,7 +7,8 @@ Head (``ray start --head``, 1 CPU, resource ``head_node``), worker (``ray start 
 ``worker_node``) and ``mlflow server`` (SQLite backend, local artifact root, artifacts proxied). Every process is
 started here, remembered by PID (each ``ray start`` in its own process group) and stopped by PID — never with
 ``ray stop``, which would kill every Ray process on the machine. Ray's token auth stays on
-(``RAY_AUTH_MODE=token``); clients read ``~/.ray/auth_token``.
+(``RAY_AUTH_MODE=token``); clients read ``~/.ray/auth_token``. A node that fails to start is retried once on
+fresh ports; if it fails again, the error carries ``ray start``'s own output.
 """
 
 from __future__ import annotations
@@ -16,28 +17,40 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, from the OS's ephemeral range (outside Ray's worker ports 10002-19999)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @dataclass
 class Ports:
-    gcs: int = 6391
-    dashboard: int = 8276
-    client: int = 23011
-    mlflow: int = 5071
-    head_agent: int = 52371
-    worker_agent: int = 52372
-    head_metrics: int = 58371
-    worker_metrics: int = 58372
-    worker_node_manager: int = 58381
+    """The ports the cluster listens on: chosen free when the cluster starts, never fixed (a fixed port can still
+    be held by a Ray instance an earlier test is shutting down)."""
+
+    gcs: int = field(default_factory=free_port)
+    dashboard: int = field(default_factory=free_port)
+    client: int = field(default_factory=free_port)
+    mlflow: int = field(default_factory=free_port)
+    head_agent: int = field(default_factory=free_port)
+    worker_agent: int = field(default_factory=free_port)
+    head_metrics: int = field(default_factory=free_port)
+    worker_metrics: int = field(default_factory=free_port)
+    worker_node_manager: int = field(default_factory=free_port)
 
 
 @dataclass
@@ -75,30 +88,62 @@ class LocalCluster:
     FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
                               "RAY_health_check_timeout_ms": "1000"}
 
-    def _ray(self, *args: str) -> None:
-        subprocess.run([str(BIN / "ray"), "start", *args, "--disable-usage-stats"],
-                       env={**self.env, **self.FAST_FAILURE_DETECTION}, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+    def _ray(self, what: str, *args: str) -> None:
+        """``ray start ARGS``; a non-zero exit raises with ``ray start``'s own output."""
+        done = subprocess.run([str(BIN / "ray"), "start", *args, "--disable-usage-stats"],
+                              env={**self.env, **self.FAST_FAILURE_DETECTION}, capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"`ray start` for the {what} exited {done.returncode}:\n{done.stdout[-2000:]}\n"
+                               f"{done.stderr[-4000:]}")
 
-    def start(self) -> "LocalCluster":
-        self.root.mkdir(parents=True, exist_ok=True)
+    def _with_one_retry(self, what: str, start: Callable[[], None]) -> None:
+        try:
+            start()
+        except RuntimeError as first:
+            print(f"local cluster: the {what} failed to start, retrying once on fresh ports:\n{first}",
+                  file=sys.stderr, flush=True)
+            self._kill_session()
+            time.sleep(5)  # let whatever held the ports finish exiting
+            self.ports = Ports(mlflow=self.ports.mlflow)
+            start()
+
+    def _start_head(self) -> None:
         p = self.ports
-        self._ray("--head", "--node-ip-address=127.0.0.1", f"--port={p.gcs}", f"--num-cpus={self.head_cpus}",
+        self._ray("head", "--head", "--node-ip-address=127.0.0.1", f"--port={p.gcs}", f"--num-cpus={self.head_cpus}",
                   "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--dashboard-host=127.0.0.1",
                   f"--dashboard-port={p.dashboard}", f"--ray-client-server-port={p.client}",
                   f"--dashboard-agent-listen-port={p.head_agent}", f"--metrics-export-port={p.head_metrics}",
                   '--resources={"head_node": 1}')
+        self.wait_for_nodes(1)
+
+    def start(self) -> "LocalCluster":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._with_one_retry("head node", self._start_head)
         self.start_worker()
         self._start_mlflow()
         return self
 
-    def start_worker(self) -> None:
+    def _start_worker(self) -> None:
         p = self.ports
-        self._ray(f"--address=127.0.0.1:{p.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.worker_cpus}",
-                  "--num-gpus=0", f"--node-manager-port={p.worker_node_manager}",
+        self._ray("worker node", f"--address=127.0.0.1:{p.gcs}", "--node-ip-address=127.0.0.1",
+                  f"--num-cpus={self.worker_cpus}", "--num-gpus=0", f"--node-manager-port={p.worker_node_manager}",
                   f"--dashboard-agent-listen-port={p.worker_agent}", f"--metrics-export-port={p.worker_metrics}",
                   '--resources={"worker_node": 1}')
         self.wait_for_nodes(2)
+
+    def start_worker(self) -> None:
+        """Start (or restart) the worker node; one retry on fresh worker ports if it fails."""
+        try:
+            self._start_worker()
+        except RuntimeError as first:
+            print(f"local cluster: the worker node failed to start, retrying once:\n{first}", file=sys.stderr,
+                  flush=True)
+            self.kill_worker()
+            time.sleep(5)
+            p = self.ports
+            p.worker_node_manager, p.worker_agent, p.worker_metrics = free_port(), free_port(), free_port()
+            self._start_worker()
 
     def _start_mlflow(self) -> None:
         store = self.root / "mlflow"
@@ -163,6 +208,13 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop everything started here, by PID: MLflow, then every process of this cluster's Ray session."""
         self.stop_mlflow()
+        self._kill_session()
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None
+
+    def _kill_session(self) -> None:
+        """Every process of this cluster's Ray session (found by its temp dir and head port), by PID."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             pids = self._pids(str(self.temp_dir)) + self._pids(f"127.0.0.1:{self.ports.gcs}")
             for pid in pids:
@@ -172,9 +224,6 @@ class LocalCluster:
                     pass
             if pids:
                 time.sleep(2)
-        if self._temp is not None:
-            shutil.rmtree(self._temp, ignore_errors=True)
-            self._temp = None
 
     def __enter__(self) -> "LocalCluster":
         return self.start()

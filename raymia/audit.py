@@ -60,6 +60,7 @@ from raymia.tracking import (
     flat_params,
     open_run,
     resolve_tracking_uri,
+    seed_spread,
     target_params,
 )
 from raymia.training.device import resolve_device
@@ -101,6 +102,7 @@ class AuditOutcome:
     decision: Decision | None = None
     report_path: Path | None = None
     frontier: FrontierConfig | None = None
+    seed_spread: dict[str, dict[str, tuple[float, float, int]]] = field(default_factory=dict)  # name -> metric -> mean, sd, n
 
     @property
     def champion(self) -> tuple[Point, str] | None:
@@ -113,10 +115,11 @@ class AuditOutcome:
         for r in self.reports:
             best = r.best_attack()
             row = {"target": r.target.name, "test_acc": r.test_acc, "gap": r.gap, "best_attack": best.name,
-                   "auc": best.metrics.auc, "tpr_at_0.1pct_fpr": best.metrics.tpr_at_fpr["0.1pct"],
-                   "n_nonmembers": best.metrics.n_nonmembers}
+                   "auc": best.metrics.auc, "auc_ci": best.metrics.auc_ci, "tpr": best.metrics.at_fpr["0.1pct"]}
             if r.target.name in leak and len(self.reports) > 1:
                 row.update(leakage=leak[r.target.name].leakage, on_front=r.target.name in front)
+            if r.target.name in self.seed_spread:
+                row["seeds"] = self.seed_spread[r.target.name]["mia.best.auc"]
             rows.append(row)
         return rows
 
@@ -125,16 +128,13 @@ class AuditOutcome:
             lines = [f"{u.target.name:<40} test acc {u.test_acc:.3f}" for u in self.utility]
             return "\n".join([*lines, f"MLflow parent run: {self.run_id}"])
         rows = self.table_rows()
-        n_non = rows[0]["n_nonmembers"]
-        note = (f"TPR@0.1%FPR is measured on {n_non} non-members: the smallest non-zero FPR is "
-                f"{100 / n_non:.2f}%, so it is the TPR at zero false positives." if n_non < 1000 else "")
         leak = ""
         if self.frontier is not None and "leakage" in rows[0]:
             who = "the strongest attack" if self.frontier.attack == "best" else self.frontier.attack
             leak = f"leakage = {self.frontier.leakage} of {who}; * = on the privacy-utility Pareto front."
         champ = f"champion: {self.champion[0].name} — {self.champion[1]}" if self.champion else ""
         report = f"report: {self.report_path}" if self.report_path else ""
-        return "\n".join(filter(None, [summary_table(rows), note, leak, champ, report,
+        return "\n".join(filter(None, [summary_table(rows), leak, champ, report,
                                         f"MLflow parent run: {self.run_id}"]))
 
 
@@ -187,6 +187,8 @@ def _start(cfg: AuditConfig, say: Echo, *, local: bool) -> Iterator[_Started]:
             if cfg.sweep is None else f"a sweep over {len(cfg.sweep.defenses)} defense entries "
             f"(objective: {cfg.sweep.objective}), 1 + {cfg.reference.count} models per configuration")
     where = "in this process (no Ray)" if local else "on Ray"
+    if (mismatch := plan.size_mismatch()) is not None:
+        say(f"warning: {mismatch}")
     say(f"raymia {raymia.__version__}: audit '{cfg.name}' on {dataset.name} ({len(dataset)} samples, split "
         f"{plan.split.sizes()}); {what}; {where}; cache {cache.uri}; tracking {tracking_uri}")
     with audit_run(cfg, tracking_uri) as run:
@@ -214,13 +216,15 @@ def _decide(s: _Started, reports: list[TargetReport], child_ids: dict[str, str],
     cfg, run, say = s.cfg, s.run, s.say
     fr = cfg.frontier
     leak_name = f"{fr.leakage} of {'the strongest attack' if fr.attack == 'best' else fr.attack}"
-    points = [Point(r.target.name, r.target.defense.name, r.test_acc, leakage_of(r, fr), child_ids.get(r.target.name))
-              for r in reports]
+    points = []
+    for r in reports:
+        leak, ci = leakage_of(r, fr)
+        points.append(Point(r.target.name, r.target.defense.name, r.test_acc, leak, child_ids.get(r.target.name), ci))
     front = pareto_front(points)
     champion = choose_champion(points, cfg.champion, leak_name) if cfg.champion else None
     figure = frontier_figure(points, front, leak_name, champion[0] if champion else None)
     rows = [{"configuration": p.name, "defense": p.defense, "test_acc": p.test_acc, "leakage": p.leakage,
-             "on_front": p in front, "champion": bool(champion and p == champion[0]), "run_id": p.run_id}
+             "leakage_ci95": list(p.leakage_ci), "on_front": p in front, "champion": bool(champion and p == champion[0]), "run_id": p.run_id}
             for p in points]
     html = html_report(cfg.name, run.run_id, reports, rows, leak_name, {FRONTIER_PLOT: figure}, rocs, champion)
     report_dir = s.output_dir / run.run_id
@@ -237,9 +241,15 @@ def _decide(s: _Started, reports: list[TargetReport], child_ids: dict[str, str],
 
 
 def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
-            utility: list[UtilityResult] | None = None, failed: list[tuple[str, str]] | None = None) -> AuditOutcome:
-    """Log every configuration as a child run, decide, log the parent's metrics; the outcome."""
+            utility: list[UtilityResult] | None = None, failed: list[tuple[str, str]] | None = None,
+            repeats: list[list[TargetReport]] | None = None) -> AuditOutcome:
+    """Log every configuration as a child run (with ``repeats``: the other seeds' reports of the same
+    configurations, as nested runs and a mean ± sd on the child), decide, log the parent's metrics; the outcome."""
     cfg, run, failed, utility = s.cfg, s.run, failed or [], utility or []
+    by_seed = {r.target.name: [r] for r in reports}
+    for again in repeats or []:
+        for r in again:
+            by_seed.setdefault(r.target.name, []).append(r)
     if cfg.diffence is not None and (unet := load_diffusion_model(s.plan, s.cache)) is not None:
         run.log_files(unet_artifacts(unet))
         run.log_params(flat_params("diffence", cfg.diffence.model_dump(mode="json", exclude={"train", "model"})))
@@ -247,9 +257,11 @@ def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
     with phase(s.timings, "tracking"):
         rocs = {r.target.name: roc_png(r) for r in reports}
         for report in reports:
-            child_ids[report.target.name] = run.log_target(report, params=target_params(cfg, report, s.plan_params),
-                                                           model_files=_model_files(s, report.target),
-                                                           roc=rocs[report.target.name])
+            name = report.target.name
+            child_ids[name] = run.log_target(report, params=target_params(cfg, report, s.plan_params),
+                                             model_files=_model_files(s, report.target), roc=rocs[name])
+            if len(by_seed[name]) > 1:
+                run.log_repeats(child_ids[name], by_seed[name], cfg.seeds)
         for result in utility:
             run.log_utility_child(result)
         for name, error in failed:
@@ -266,29 +278,50 @@ def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
         s.say(f"{len(failed)} configurations failed: " + "; ".join(f"{n}: {e.splitlines()[0]}" for n, e in failed))
     return AuditOutcome(run_id=run.run_id, tracking_uri=s.tracking_uri, reports=reports, timings=s.timings,
                         models=models, utility=utility, decision=decision,
+                        seed_spread={n: seed_spread(rs) for n, rs in by_seed.items() if len(rs) > 1},
                         report_path=s.output_dir / run.run_id / "report.html" if reports else None,
                         frontier=cfg.frontier)
 
 
+def _plans(s: _Started) -> Iterator[AuditPlan]:
+    """The plan of every seed the audit runs: ``seeds`` (the first one reported), else just ``seed``."""
+    yield s.plan
+    for seed in s.cfg.seeds[1:]:
+        yield plan_audit(s.cfg.model_copy(update={"seed": seed}), s.plan.dataset)
+
+
+def _targets_once(s: _Started, plan: AuditPlan, *, local: bool, suffix: str) -> tuple[list[TargetReport], int, set]:
+    """One seed of a targets audit: fan out on Ray (unless local), then the recipe per configuration."""
+    nodes, trained = set(), None
+    if not local:
+        from raymia.orchestration.fanout import fan_out_audit
+        from raymia.orchestration.session import ray_session
+
+        with ray_session(s.cfg, s.timings, s.say) as session:
+            totals = fan_out_audit(plan, s.cache, session, experiment_name=f"{s.cfg.name}-{s.run.run_id}{suffix}",
+                                   builders=s.builders, timings=s.timings, echo=s.say)
+        nodes, trained = totals.nodes, totals.trained
+    audits, _ = audit_locally(plan, s.targets, s.cache, device=s.device, builders=s.builders, timings=s.timings,
+                              echo=s.say if local else lambda line: None)
+    trained = sum(a.trained for a in audits) if trained is None else trained
+    return [r for a in audits for r in a.reports], trained, nodes
+
+
 def audit_targets(cfg: AuditConfig, *, local: bool = False, echo: Echo | None = None) -> AuditOutcome:
-    """Audit every configuration under ``targets``: on Ray, the models are first produced in parallel on the
-    cluster (whatever the cache lacks), then the recipe runs per configuration on the driver."""
+    """Audit every configuration under ``targets`` (once per seed of ``seeds``): on Ray, the models are first
+    produced in parallel on the cluster (whatever the cache lacks), then the recipe runs per configuration on the
+    driver."""
     say = echo or _stderr
     with _start(cfg, say, local=local) as s:
-        nodes, trained = 0, None
-        if not local:
-            from raymia.orchestration.fanout import fan_out_audit
-            from raymia.orchestration.session import ray_session
-
-            with ray_session(cfg, s.timings, say) as session:
-                totals = fan_out_audit(s.plan, s.cache, session, experiment_name=f"{cfg.name}-{s.run.run_id}",
-                                       builders=s.builders, timings=s.timings, echo=say)
-            nodes, trained = len(totals.nodes), totals.trained
-        audits, _ = audit_locally(s.plan, s.targets, s.cache, device=s.device, builders=s.builders,
-                                  timings=s.timings, echo=say if local else lambda line: None)
-        trained = sum(a.trained for a in audits) if trained is None else trained
-        models = ModelCounts(trained=trained, reused=len(s.plan.jobs) - trained, nodes=nodes)
-        return _finish(s, reports=[r for a in audits for r in a.reports], models=models)
+        runs, trained, nodes = [], 0, set()
+        for i, plan in enumerate(_plans(s)):
+            if i:
+                say(f"repeat {i + 1}/{len(cfg.seeds)}: seed {plan.config.seed}")
+            reports, n, where = _targets_once(s, plan, local=local, suffix=f"-seed{plan.config.seed}" if i else "")
+            runs.append(reports)
+            trained, nodes = trained + n, nodes | where
+        models = ModelCounts(trained=trained, reused=len(s.plan.jobs) * len(runs) - trained, nodes=len(nodes))
+        return _finish(s, reports=runs[0], repeats=runs[1:], models=models)
 
 
 def sweep_experiment(cfg: AuditConfig) -> str:
@@ -299,38 +332,55 @@ def sweep_experiment(cfg: AuditConfig) -> str:
 
 def audit_sweep(cfg: AuditConfig, *, local: bool = False, echo: Echo | None = None) -> AuditOutcome:
     """Audit (or, ``objective: utility``, only train) every configuration of the ``sweep``: one Ray Tune trial
-    each, or one after another in this process."""
+    each, or one after another in this process; with ``seeds``, the same configurations once per seed."""
     say = echo or _stderr
     with _start(cfg, say, local=local) as s:
-        targets = s.targets
-        utility_only = cfg.sweep.objective == "utility"
-        if local:
-            if utility_only:
-                utility = [utility_configuration(s.plan, t, device=s.device, builders=s.builders) for t in targets]
-                return _finish(s, reports=[], utility=utility, models=ModelCounts(trained=len(targets)))
-            audits, failed = audit_locally(s.plan, targets, s.cache, device=s.device, builders=s.builders,
-                                           timings=s.timings, echo=say)
-            trained = sum(a.trained for a in audits)
-            return _finish(s, reports=[r for a in audits for r in a.reports], failed=failed,
-                           models=ModelCounts(trained=trained, reused=sum(a.reused for a in audits)))
-        from raymia.orchestration.fanout import diffusion_model_on_ray
-        from raymia.orchestration.session import ray_session, storage_path
-        from raymia.orchestration.tune_sweep import run_sweep
+        if cfg.sweep.objective == "utility":
+            if local:
+                utility = [utility_configuration(s.plan, t, device=s.device, builders=s.builders) for t in s.targets]
+                return _finish(s, reports=[], utility=utility, models=ModelCounts(trained=len(s.targets)))
+            out = _sweep_on_ray(s, s.plan, "")
+            return _finish(s, reports=[], utility=out.utility, failed=out.failed, models=_sweep_counts(s, [out]))
+        runs, failed, outs = [], [], []
+        for i, plan in enumerate(_plans(s)):
+            if i:
+                say(f"repeat {i + 1}/{len(cfg.seeds)}: seed {plan.config.seed}")
+            if local:
+                audits, fails = audit_locally(plan, s.targets, s.cache, device=s.device, builders=s.builders,
+                                              timings=s.timings, echo=say)
+                runs.append([r for a in audits for r in a.reports])
+                outs.append(sum(a.trained for a in audits))
+            else:
+                out = _sweep_on_ray(s, plan, f"-seed{plan.config.seed}" if i else "")
+                runs.append(out.reports)
+                fails = out.failed
+                outs.append(out)
+            failed += fails if i == 0 else []
+        models = (ModelCounts(trained=sum(outs)) if local else _sweep_counts(s, outs))
+        return _finish(s, reports=runs[0], repeats=runs[1:], failed=failed, models=models)
 
-        with ray_session(cfg, s.timings, say) as session:
-            _, resources = session.connect("one Tune trial per configuration")
-            if cfg.diffence is not None:
-                diffusion_model_on_ray(s.plan, s.cache, session, experiment_name=f"{cfg.name}-{s.run.run_id}-diffusion",
-                                       echo=say)
-            with phase(s.timings, "training"):
-                out = run_sweep(s.plan, targets, s.cache, resources, builders=s.builders,
-                                storage_path=storage_path(cfg), experiment_name=sweep_experiment(cfg), echo=say,
-                                token=s.run.run_id)
-        mine = [f for f in out.finals if f.get("run_token") == s.run.run_id]  # not restored from an earlier driver
-        models = ModelCounts(trained=sum(int(f.get("trained", 0)) for f in mine),
-                             nodes=len({f["node"] for f in out.finals if "node" in f}),
-                             restored=len(out.finals) - len(mine))
-        return _finish(s, reports=out.reports, utility=out.utility, failed=out.failed, models=models)
+
+def _sweep_on_ray(s: _Started, plan: AuditPlan, suffix: str):  # noqa: ANN202 - a tune_sweep.SweepResults
+    from raymia.orchestration.fanout import diffusion_model_on_ray
+    from raymia.orchestration.session import ray_session, storage_path
+    from raymia.orchestration.tune_sweep import run_sweep
+
+    cfg = plan.config
+    with ray_session(cfg, s.timings, s.say) as session:
+        _, resources = session.connect("one Tune trial per configuration")
+        if cfg.diffence is not None:
+            diffusion_model_on_ray(plan, s.cache, session, experiment_name=f"{cfg.name}-{s.run.run_id}-diffusion{suffix}",
+                                   echo=s.say)
+        with phase(s.timings, "training"):
+            return run_sweep(plan, s.targets, s.cache, resources, builders=s.builders, storage_path=storage_path(cfg),
+                             experiment_name=sweep_experiment(cfg) + suffix, echo=s.say, token=s.run.run_id)
+
+
+def _sweep_counts(s: _Started, outs: list) -> ModelCounts:
+    finals = [f for out in outs for f in out.finals]
+    mine = [f for f in finals if f.get("run_token") == s.run.run_id]  # not restored from an earlier driver
+    return ModelCounts(trained=sum(int(f.get("trained", 0)) for f in mine),
+                       nodes=len({f["node"] for f in finals if "node" in f}), restored=len(finals) - len(mine))
 
 
 def run_audit(cfg: AuditConfig, *, local: bool = False, echo: Echo | None = None) -> AuditOutcome:

@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set reference.count=32 (repeatable)")
         if name == "audit":
             c.add_argument("--local", action="store_true", help=LOCAL_HELP)
+            c.add_argument("--repeat", type=int, default=None, metavar="N",
+                           help="audit every configuration under N seeds (seed, seed+1, ...) and report mean ± sd "
+                                "across them (the config's seeds: [...] does the same)")
     d = sub.add_parser("diffusion-audit", help="audit diffusion models: undefended, DualMD and DistillMD DDPMs "
                                                "under loss / SecMI / PIA attacks, with FID")
     d.add_argument("config", help="path of the YAML config, e.g. configs/diffusion-quickstart.yaml")
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             from raymia.config import load_config
 
             cfg = load_config(args.config, args.overrides)
+            if getattr(args, "repeat", None) is not None:
+                if args.repeat < 1:
+                    raise UserError(f"--repeat {args.repeat}: give a number of seeds >= 1, e.g. --repeat 3")
+                cfg = cfg.model_copy(update={"seeds": list(range(cfg.seed, cfg.seed + args.repeat))})
             if args.command == "validate":
                 what = (f"{len(cfg.targets)} targets" if cfg.sweep is None
                         else f"a sweep over {len(cfg.sweep.defenses)} defense entries")

@@ -74,6 +74,7 @@ class SplitConfig(_Strict):
     calibration: float = Field(0.05, ge=0, lt=1)
     test: float = Field(0.10, gt=0, lt=1)
     calibration_members: float = Field(0.0, ge=0, lt=1)
+    defender_reference: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _sums_to_at_most_one(self) -> "SplitConfig":
@@ -105,13 +106,16 @@ class TargetConfig(_Strict):
 
 class ReferenceConfig(_Strict):
     """Reference (shadow) models: ``count`` per target, each trained with the target's exact recipe on a random
-    ``pkeep`` fraction of the pool.
+    ``pkeep`` fraction of the pool, plus the defender's known members (``split.calibration_members``, which every
+    target trains on too).
 
-    ``pool: audited`` (default) is LiRA's layout: the pool is the audited members and non-members, so with
-    equal numbers of each and ``pkeep: 0.5`` every reference model trains on as many samples as the target,
-    and every audited sample is IN for about half of them; the target is distributed exactly like a reference
-    model. ``pool: audited_and_population`` adds the population samples (more diverse reference training sets,
-    but larger ones than the target's unless ``pkeep`` is lowered to match).
+    ``pool: audited`` (default) is LiRA's layout: the pool is the audited members and non-members.
+    ``pool: audited_and_population`` adds the population samples (more diverse reference training sets).
+    ``pkeep: auto`` (default) draws as many pool samples as the target has members, so every reference model
+    trains on exactly as many samples as the target — the target is distributed like a reference model, which
+    LiRA and RMIA assume; with the audited pool and equal members / non-members that is one half, in
+    complementary pairs (every audited sample IN for exactly half of the models). A number sets the fraction
+    yourself; the audit then says how far the sizes differ.
 
     ``group_size``: a target configuration's models (the target first, then its reference models in order) are
     trained in fixed groups of at most this many (as few near-equal groups as that allows), together with ``vmap`` where that is faster (``strategy: auto``: MLPs on
@@ -122,10 +126,17 @@ class ReferenceConfig(_Strict):
     """
 
     count: int = Field(16, ge=2)
-    pkeep: float = Field(0.5, gt=0, lt=1)
+    pkeep: float | Literal["auto"] = "auto"
     pool: Literal["audited", "audited_and_population"] = "audited"
     strategy: Literal["auto", "vmap", "loop"] = "auto"
     group_size: int = Field(8, ge=1)
+
+    @field_validator("pkeep")
+    @classmethod
+    def _fraction(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not 0 < v < 1:
+            raise ValueError("pkeep must be auto or a fraction strictly between 0 and 1")
+        return v
     models_per_trial: int | None = Field(None, ge=1)
 
 
@@ -238,14 +249,13 @@ class DiffenceAuditConfig(DiffenceConfig):
     (``train_data: members``, the paper's default) or from the population split (``population``: public
     data). Scenarios 1 and 2 calibrate on the defender's known members (``split.calibration_members``) and known
     non-members (``split.calibration``). The attacker is adaptive: reference models are queried through the same
-    DIFFENCE (same diffusion model, knobs and interval). ``eval_population`` population samples are queried
-    through it for RMIA.
+    DIFFENCE (same diffusion model, knobs and interval), and so is RMIA's population z — the same z as the plain
+    report (``attacks.rmia.num_z`` subsamples it for both).
     """
 
     model: DiffusionSpec = DiffusionSpec()
     train: DiffusionRecipe = DiffusionRecipe()
     train_data: Literal["members", "population"] = "members"
-    eval_population: int = Field(200, ge=1)
 
 
 class RunConfig(_Strict):
@@ -263,7 +273,14 @@ class RunConfig(_Strict):
 
 class AuditConfig(RunConfig):
     """A whole privacy audit: data, split, target configurations (or a defense sweep), reference models, attacks,
-    frontier and champion rule, compute, tracking."""
+    frontier and champion rule, compute, tracking.
+
+    ``seeds: [s1, s2, ...]`` (or ``raymia audit --repeat N``: the N seeds from ``seed`` on) audits every
+    configuration once per seed — split, keep-mask and every model retrained — and reports each metric's mean and
+    sd across seeds next to the first seed's numbers and their within-run intervals; ``seed`` becomes ``s1``.
+    """
+
+    seeds: list[int] = []
 
     split: SplitConfig = SplitConfig()
     targets: list[TargetConfig] = []
@@ -273,6 +290,20 @@ class AuditConfig(RunConfig):
     diffence: DiffenceAuditConfig | None = None
     reference: ReferenceConfig = ReferenceConfig()
     attacks: AttackConfig = AttackConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_seed_is_the_seed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("seeds"):
+            return {**raw, "seed": raw["seeds"][0]}
+        return raw
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
 
     @field_validator("targets")
     @classmethod
@@ -323,10 +354,14 @@ class DiffusionSplitConfig(_Strict):
 
 
 class DiffusionDefensesConfig(_Strict):
-    """Which systems are audited. ``student``: DistillMD's student recipe (default: the ``train`` recipe)."""
+    """Which systems are audited. ``student``: DistillMD's student recipe (default: the ``train`` recipe).
+    ``teacher_weights``: which weights of the two teachers DualMD deploys (samples and is attacked with) and
+    DistillMD's student learns from — ``ema`` (default: the weights a DDPM is normally sampled with) or ``raw``
+    (the last training weights, as the official DualMD/DistillMD code loads them); logged with every run."""
 
     enabled: list[Literal["undefended", "dualmd", "distillmd"]] = ["undefended", "dualmd", "distillmd"]
     student: DiffusionRecipe | None = None
+    teacher_weights: Literal["ema", "raw"] = "ema"
 
     @field_validator("enabled")
     @classmethod

@@ -84,6 +84,7 @@ def run_diffusion_audit(cfg: DiffusionAuditConfig, *, local: bool = False,
                         "runner": "local" if local else "ray",
                         **flat_params("model", cfg.model.model_dump(mode="json")),
                         **flat_params("train", cfg.train.model_dump(mode="json")),
+                        **flat_params("defenses", cfg.defenses.model_dump(mode="json", exclude={"student"})),
                         **flat_params("attacks", cfg.attacks.model_dump(mode="json")),
                         **flat_params("sampling", cfg.sampling.model_dump(mode="json"))})
         with phase(timings, "training"):

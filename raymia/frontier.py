@@ -21,15 +21,20 @@ class Point:
     test_acc: float
     leakage: float
     run_id: str | None = None
+    leakage_ci: tuple[float, float] | None = None  # 95 % interval of the leakage
 
 
-def leakage_of(report: object, cfg: FrontierConfig) -> float:
-    """The configured leakage metric of the configured attack (``best``: the maximum over attacks)."""
-    def metric(a: object) -> float:
+def leakage_of(report: object, cfg: FrontierConfig) -> tuple[float, tuple[float, float]]:
+    """The configured leakage metric of the configured attack (``best``: the maximum over attacks) and its 95 %
+    interval (DeLong for AUC, Clopper–Pearson for a TPR)."""
+    def metric(a: object) -> tuple[float, tuple[float, float]]:
         m = a.metrics
-        return m.auc if cfg.leakage == "auc" else m.tpr_at_fpr[cfg.leakage.removeprefix("tpr_at_").removesuffix("_fpr")]
+        if cfg.leakage == "auc":
+            return m.auc, m.auc_ci
+        r = m.at_fpr[cfg.leakage.removeprefix("tpr_at_").removesuffix("_fpr")]
+        return r.tpr, r.ci
     if cfg.attack == "best":
-        return max(metric(a) for a in report.attacks.values())
+        return max((metric(a) for a in report.attacks.values()), key=lambda v: v[0])
     if cfg.attack not in report.attacks:
         raise UserError(f"frontier attack '{cfg.attack}' was not run; add it to attacks.enabled", field="frontier.attack")
     return metric(report.attacks[cfg.attack])

@@ -84,6 +84,10 @@ def frontier_figure(points: list, front: list, leakage_name: str, champion: Any 
     for d in defenses:
         ps = [p for p in points if p.defense == d]
         ax.scatter([p.leakage for p in ps], [p.test_acc for p in ps], color=colors[d], label=d, s=36, alpha=0.8)
+        with_ci = [p for p in ps if p.leakage_ci is not None]
+        ax.errorbar([p.leakage for p in with_ci], [p.test_acc for p in with_ci], fmt="none", ecolor=colors[d],
+                    alpha=0.5, capsize=2, xerr=np.array([[p.leakage - p.leakage_ci[0], p.leakage_ci[1] - p.leakage]
+                                                         for p in with_ci]).T.reshape(2, -1))
     ordered = sorted(front, key=lambda p: p.leakage)
     ax.plot([p.leakage for p in ordered], [p.test_acc for p in ordered], "k-", lw=1.2, label="Pareto front")
     ax.scatter([p.leakage for p in front], [p.test_acc for p in front], facecolors="none", edgecolors="k", s=110)
@@ -92,8 +96,8 @@ def frontier_figure(points: list, front: list, leakage_name: str, champion: Any 
                    zorder=5, label="champion")
     for p in points:
         ax.annotate(p.name, (p.leakage, p.test_acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel=f"leakage: {leakage_name} (lower is better)", ylabel="test accuracy (higher is better)",
-           title="privacy-utility frontier")
+    ax.set(xlabel=f"leakage: {leakage_name} (lower is better; bars: 95 % intervals)",
+           ylabel="test accuracy (higher is better)", title="privacy-utility frontier")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
@@ -118,35 +122,70 @@ def html_report(title: str, run_id: str, reports: list, rows: list[dict], leakag
             "threshold-free / oracle sweeps over the audited members and non-members.</p>"]
     if champion is not None:
         body.append(f"<p><b>Champion: {html.escape(champion[0].name)}</b> — {html.escape(champion[1])}.</p>")
-    head = ["configuration", "defense", "test acc", "gap", "best attack", "AUC", "TPR@0.1%FPR", "leakage", "front"]
-    trs = []
+    head = ["configuration", "defense", "test acc", "gap", "best attack", "AUC [95% CI]", "TPR@0.1%FPR [95% CI]",
+            "leakage [95% CI]", "front"]
+    trs, notes = [], []
     for row in sorted(rows, key=lambda r: r["leakage"]):
         r = by_name[row["configuration"]]
         b = r.best_attack()
+        tpr = b.metrics.at_fpr["0.1pct"]
+        if not tpr.resolvable and not notes:
+            notes.append(f"<p>{html.escape(unresolved_note(tpr))}</p>")
         cells = [row["configuration"] + (" ★" if row["champion"] else ""), row["defense"], f"{r.test_acc:.4f}",
-                 f"{r.gap:+.4f}", b.name, f"{b.metrics.auc:.4f}", f"{b.metrics.tpr_at_fpr['0.1pct']:.4f}",
-                 f"{row['leakage']:.4f}", "✓" if row["on_front"] else ""]
+                 f"{r.gap:+.4f}", b.name, with_ci(b.metrics.auc, b.metrics.auc_ci), tpr_cell(tpr),
+                 with_ci(row["leakage"], row["leakage_ci95"]), "✓" if row["on_front"] else ""]
         trs.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     body.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(trs) + "</table>")
+    body += notes
     body += [f"<h2>Privacy-utility frontier</h2>{_img(fig, keep=True)}" for fig in figures.values()]
     body.append("<h2>Attacks per configuration (log-log ROC)</h2>")
     body += [f'<img src="data:image/png;base64,{base64.b64encode(rocs[r.target.name]).decode()}">' for r in reports]
     return _page(title, body, "max-width:720px;display:block;margin:1em 0")
 
 
+#: The mark after a TPR that cannot be resolved at its FPR level with the non-members audited.
+UNRESOLVED = "†"
+
+
+def with_ci(value: float, ci: tuple[float, float], digits: int = 3) -> str:
+    """``0.650 [0.614, 0.685]``."""
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def tpr_cell(r: Any, digits: int = 3) -> str:
+    """A :class:`~raymia.metrics.TprAtFpr` with its interval, marked :data:`UNRESOLVED` when it is really the TPR
+    at zero false positives."""
+    text = with_ci(r.tpr, r.ci, digits)
+    return text.replace(" [", f"{UNRESOLVED} [", 1) if not r.resolvable else text
+
+
+def unresolved_note(r: Any) -> str:
+    """The footnote for :data:`UNRESOLVED`, in words, with the counts."""
+    return (f"{UNRESOLVED} {r.n_nonmembers:,} non-members are fewer than 1/{100 * r.level:g}% = {round(1 / r.level):,}: "
+            f"the smallest non-zero FPR is {100 / r.n_nonmembers:.2f}%, so this is the TPR at {r.fp} false "
+            f"positives ({r.tp} of {r.n_members:,} members), not at {100 * r.level:g}% FPR.")
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Fixed-width table with one row per target configuration (plus its frontier leakage when known)."""
-    headers = ["target", "test acc", "gap", "best attack", "AUC", "TPR@0.1%FPR"]
-    cells = [[r["target"], f"{r['test_acc']:.3f}", f"{r['gap']:+.3f}", r["best_attack"], f"{r['auc']:.3f}",
-              f"{r['tpr_at_0.1pct_fpr']:.3f}"] for r in rows]
+    """Fixed-width table with one row per target configuration (plus its frontier leakage when known): AUC and
+    TPR@0.1%FPR of the strongest attack with 95 % intervals."""
+    headers = ["target", "test acc", "gap", "best attack", "AUC [95% CI]", "TPR@0.1%FPR [95% CI]"]
+    cells = [[r["target"], f"{r['test_acc']:.3f}", f"{r['gap']:+.3f}", r["best_attack"], with_ci(r["auc"], r["auc_ci"]),
+              tpr_cell(r["tpr"])] for r in rows]
+    if all("seeds" in r for r in rows):
+        headers.append("best AUC over seeds")
+        for cell, r in zip(cells, rows):
+            mean, sd, n = r["seeds"]
+            cell.append(f"{mean:.3f} ± {sd:.3f} (n={n})")
     if all("leakage" in r for r in rows):
         headers.append("leakage")
         for cell, r in zip(cells, rows):
             cell.append(f"{r['leakage']:.3f}" + ("*" if r.get("on_front") else ""))
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+    body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    notes = [unresolved_note(r["tpr"]) for r in rows[:1] if not r["tpr"].resolvable]
+    return "\n".join([line, "  ".join("-" * w for w in widths), *body, *notes])
 
 
 def sample_grid(images: Any, title: str) -> Any:

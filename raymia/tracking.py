@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -68,7 +70,12 @@ THRESHOLD_SOURCES = {
 #: The diffusion track's protocol: how each reported number's timestep and threshold were chosen.
 DIFFUSION_PROTOCOL = {
     "mia.<attack>.*": "each attack at its configured timestep (attacks.loss_t / secmi_t / pia_t), fixed before "
-                      "seeing any score: the number to report",
+                      "seeing any score: the number to report; for dualmd the white-box attacker holding both "
+                      "teachers (per sample, the better of their two scores)",
+    "sampler_even.* / sampler_odd.*": "dualmd: the deployed sampler's epsilon-function (theta2 at even t, theta1 "
+                                      "at odd t) at the even / odd one of t and t + 1",
+    "theta<i>_own.* / theta<i>_other.*": "dualmd: one teacher on its own half / the other half of the members, "
+                                         "against all non-members",
     "mia.<attack>.best_of_grid.*": "the best AUC over attacks.t_grid, chosen on the audited scores: an oracle, "
                                    "an upper bound (as PIA's published numbers)",
     "asr": "best balanced accuracy over thresholds swept on the audited scores (oracle)",
@@ -128,21 +135,59 @@ def target_params(cfg: Any, report: Any, plan_params: dict[str, Any]) -> dict[st
     }
 
 
+def attack_metric_values(prefix: str, metrics: Any, levels: tuple[str, ...] | None = None) -> dict[str, float]:
+    """One attack's documented metrics under ``prefix`` (e.g. ``mia.loss.``): ``auc`` with ``auc.ci_low`` /
+    ``auc.ci_high`` (DeLong, 95 %), and per FPR level L ``tpr_at_L_fpr`` with ``.ci_low`` / ``.ci_high``
+    (Clopper–Pearson, 95 %), ``.threshold`` (when finite), ``.fpr`` (realised), ``.tp``, ``.fp`` and
+    ``.resolvable`` (1 when there are at least 1/L non-members, else the number is the TPR at zero FP)."""
+    m = {f"{prefix}auc": metrics.auc, f"{prefix}auc.ci_low": metrics.auc_ci[0],
+         f"{prefix}auc.ci_high": metrics.auc_ci[1]}
+    for level, r in metrics.at_fpr.items():
+        if levels is not None and level not in levels:
+            continue
+        k = f"{prefix}tpr_at_{level}_fpr"
+        m.update({k: r.tpr, f"{k}.ci_low": r.ci[0], f"{k}.ci_high": r.ci[1], f"{k}.fpr": r.fpr, f"{k}.tp": r.tp,
+                  f"{k}.fp": r.fp, f"{k}.resolvable": float(r.resolvable)})
+        if math.isfinite(r.threshold):
+            m[f"{k}.threshold"] = r.threshold
+    return m
+
+
+def attack_protocol(metrics: Any) -> dict[str, Any]:
+    """One attack's numbers with what they rest on, for ``protocol.json``."""
+    return {
+        "auc": {"value": metrics.auc, "ci95": list(metrics.auc_ci), "interval": "DeLong",
+                "n_members": metrics.n_members, "n_nonmembers": metrics.n_nonmembers},
+        "tpr_at_fpr": {level: {"level": r.level, "tpr": r.tpr, "ci95": list(r.ci), "interval": "Clopper-Pearson",
+                               "threshold": r.threshold if math.isfinite(r.threshold) else None,
+                               "decision": "member iff score >= threshold", "realised_fpr": r.fpr, "tp": r.tp,
+                               "n_members": r.n_members, "fp": r.fp, "n_nonmembers": r.n_nonmembers,
+                               "resolvable": r.resolvable, "threshold_source": THRESHOLD_SOURCES["tpr_at_fpr"]}
+                       for level, r in metrics.at_fpr.items()},
+    }
+
+
+def target_protocol(report: Any) -> dict[str, Any]:
+    """``protocol.json`` of a target child run: threshold sources, and every attack's numbers with their counts,
+    thresholds and intervals."""
+    return {"threshold_sources": THRESHOLD_SOURCES, "confidence": 0.95,
+            "attacks": {name: {**attack_protocol(a.metrics), "tuned_on_reference_models": a.chosen}
+                        for name, a in report.attacks.items()}}
+
+
 def target_metrics(report: Any) -> dict[str, float]:
     """The documented metric names for one :class:`~raymia.pipeline.evaluate.TargetReport`."""
     m = {"train_acc": report.train_acc, "test_acc": report.test_acc, "gap": report.gap,
          "reference_test_acc": report.reference_test_acc}
     for name, a in report.attacks.items():
         p = f"mia.{name}."
-        m[p + "auc"] = a.metrics.auc
+        m.update(attack_metric_values(p, a.metrics))
         m[p + "bal_acc_oracle"] = a.metrics.best_bal_acc
         if a.bal_acc_shadow is not None:
             m[p + "bal_acc_shadow"] = a.bal_acc_shadow
-        for level, tpr in a.metrics.tpr_at_fpr.items():
-            m[p + f"tpr_at_{level}_fpr"] = tpr
+        m.update({p + knob: v for knob, v in a.chosen.items()})  # knobs tuned on reference models, e.g. RMIA's a
     best = report.best_attack()
-    m["mia.best.auc"] = best.metrics.auc
-    m["mia.best.tpr_at_0.1pct_fpr"] = best.metrics.tpr_at_fpr["0.1pct"]
+    m.update(attack_metric_values("mia.best.", best.metrics, ("0.1pct",)))
     m["mia.n_members"] = float(best.metrics.n_members)
     m["mia.n_nonmembers"] = float(best.metrics.n_nonmembers)
     m.update(report.extra)
@@ -156,10 +201,8 @@ def system_metrics(report: Any) -> dict[str, float]:
     def of(prefix: str, attacks: dict) -> dict[str, float]:
         m = {}
         for name, a in attacks.items():
-            m[f"{prefix}{name}.auc"] = a.metrics.auc
+            m.update(attack_metric_values(f"{prefix}{name}.", a.metrics, ("1pct", "0.1pct")))
             m[f"{prefix}{name}.asr"] = a.metrics.best_bal_acc
-            for level in ("1pct", "0.1pct"):
-                m[f"{prefix}{name}.tpr_at_{level}_fpr"] = a.metrics.tpr_at_fpr[level]
         return m
 
     m = of("mia.", report.attacks)
@@ -167,12 +210,27 @@ def system_metrics(report: Any) -> dict[str, float]:
         m[f"mia.{name}.best_of_grid.auc"], m[f"mia.{name}.best_of_grid.t"] = auc, float(t)
         m.update({f"mia.{name}.grid.t{t}.auc": v for t, v in report.grid[name].items()})
     best = report.strongest()
-    m["mia.best.auc"], m["mia.best.tpr_at_1pct_fpr"] = best.metrics.auc, best.metrics.tpr_at_fpr["1pct"]
+    m.update(attack_metric_values("mia.best.", best.metrics, ("1pct",)))
     for part, attacks in report.parts.items():
         m.update(of(f"{part}.mia.", attacks))
     m[report.fid_name] = report.fid
     m["mia.n_members"], m["mia.n_nonmembers"] = (best.metrics.n_members, best.metrics.n_nonmembers)
     return m
+
+
+#: Metrics summarised across seeds (``seeds:``): utility, and per attack its AUC and TPR at 1 % and 0.1 % FPR.
+SPREAD_SUFFIXES = (".auc", ".tpr_at_1pct_fpr", ".tpr_at_0.1pct_fpr")
+
+
+def seed_spread(reports: list[Any]) -> dict[str, tuple[float, float, int]]:
+    """``{metric: (mean, sd, n)}`` over one configuration's reports under several seeds (sd with ddof 1)."""
+    per_seed = [target_metrics(r) for r in reports]
+    keys = [k for k in per_seed[0] if k in ("test_acc", "gap") or (k.startswith("mia.") and k.endswith(SPREAD_SUFFIXES))]
+    out = {}
+    for k in keys:
+        v = np.array([m[k] for m in per_seed if k in m], dtype=np.float64)
+        out[k] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
+    return out
 
 
 class AuditRun:
@@ -183,12 +241,14 @@ class AuditRun:
 
     def _log(self, run_id: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
              tags: dict[str, str] | None = None) -> None:
-        self.client.log_batch(
-            run_id,
-            metrics=[Metric(k, v, 0, 0) for k, v in (metrics or {}).items()],
-            params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
-            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-        )
+        metrics_ = [Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()]
+        params_ = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+        tags_ = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        # MLflow takes at most 1000 metrics, 100 params and 100 tags per batch
+        for i in range(0, len(metrics_), 1000):
+            self.client.log_batch(run_id, metrics=metrics_[i:i + 1000])
+        for i in range(0, max(len(params_), len(tags_)), 100):
+            self.client.log_batch(run_id, params=params_[i:i + 100], tags=tags_[i:i + 100])
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._log(self.run_id, params=params)
@@ -243,9 +303,24 @@ class AuditRun:
             with tempfile.TemporaryDirectory() as d:
                 self.log_files({ROC_PLOT: roc if roc is not None else roc_png(report), SCORES_FILE: scores.getvalue(),
                                 SIGNALS_FILE: report.pool.to_parquet(Path(d) / "pool"),
-                                PROTOCOL_FILE: json.dumps(THRESHOLD_SOURCES, indent=2).encode(),
+                                PROTOCOL_FILE: json.dumps(target_protocol(report), indent=2).encode(),
                                 TARGET_FILE: t.model_dump_json(indent=2).encode(), **model_files}, child_id)
         return child_id
+
+    def log_repeats(self, child_id: str, reports: list[Any], seeds: list[int]) -> None:
+        """A configuration audited under several seeds: ``<metric>.seeds_mean`` / ``.seeds_sd`` and ``seeds.n`` on
+        its child run (whose own numbers are the first seed's), and one nested run per seed with its metrics."""
+        spread = seed_spread(reports)
+        self._log(child_id, metrics={**{f"{k}.seeds_mean": m for k, (m, _, _) in spread.items()},
+                                     **{f"{k}.seeds_sd": sd for k, (_, sd, _) in spread.items()},
+                                     "seeds.n": len(reports)}, params={"seeds": json.dumps(seeds)})
+        name = reports[0].target.name
+        for seed, report in zip(seeds, reports):
+            run = self.client.create_run(self.experiment_id, run_name=f"{name} [seed {seed}]",
+                                         tags={"mlflow.parentRunId": child_id, "raymia.kind": "seed",
+                                               "raymia.seed": str(seed)})
+            self._log(run.info.run_id, metrics=target_metrics(report), params={"seed": seed})
+            self.client.set_terminated(run.info.run_id, "FINISHED")
 
     def log_system(self, report: Any, *, params: dict[str, Any]) -> str:
         """One child run per diffusion-track system: metrics, ROC and sample figures, the t-grid, the protocol."""
@@ -254,7 +329,9 @@ class AuditRun:
             self.log_metrics(system_metrics(report), child_id)
             self.log_figures({SYSTEM_ROC_PLOT: roc_figure(report.attacks, f"{report.name}: white-box attacks"),
                               SAMPLES_PLOT: sample_grid(report.samples, f"{report.name}: samples")}, child_id)
-            self.log_files({PROTOCOL_FILE: json.dumps(DIFFUSION_PROTOCOL, indent=2).encode(),
+            protocol = {"protocol": DIFFUSION_PROTOCOL, "confidence": 0.95,
+                        "attacks": {n: attack_protocol(a.metrics) for n, a in report.attacks.items()}}
+            self.log_files({PROTOCOL_FILE: json.dumps(protocol, indent=2).encode(),
                             GRID_FILE: json.dumps(report.grid, indent=2).encode()}, child_id)
         return child_id
 

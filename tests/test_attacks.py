@@ -80,3 +80,24 @@ def test_low_fpr_attacks_beat_global_thresholds_when_examples_differ_in_difficul
                           synthetic_inputs(np.random.default_rng(2), n=4000, k=32, margin=1.0), FAST)
     tpr = {name: r.metrics.tpr_at_fpr["1pct"] for name, r in results.items()}
     assert tpr["lira_online"] > tpr["loss"] and tpr["lira_offline"] > tpr["loss"] and tpr["rmia_online"] > tpr["loss"]
+
+
+def test_threshold_ties_are_decided_exactly_not_by_float_rounding():
+    """Among thresholds with the same balanced accuracy (compared as exact fractions), the smallest one wins."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    mismatches = 0
+    for _ in range(300):
+        s_in = rng.integers(0, 6, rng.integers(1, 12)).astype(float)
+        s_out = rng.integers(0, 6, rng.integers(1, 12)).astype(float)
+        cands = np.unique(np.r_[s_in, s_out])
+        value = {t: Fraction(int((s_in >= t).sum()), len(s_in)) + Fraction(int((s_out < t).sum()), len(s_out))
+                 for t in cands}
+        best = max(value.values())
+        expected = min(t for t, v in value.items() if v == best)
+        mismatches += best_threshold(s_in, s_out) != expected
+    assert mismatches == 0
+    # a case where summing the two rates in floats ranks a tie wrongly: 3/4 + 2/6 and 1/4 + 5/6 are both 13/12
+    s_in, s_out = np.array([0.0, 6.0, 3.0, 3.0]), np.array([0.0, 7.0, 4.0, 4.0, 4.0, 1.0])
+    assert best_threshold(s_in, s_out) == 3.0

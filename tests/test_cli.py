@@ -78,7 +78,8 @@ def test_job_entrypoint_prints_table_and_run_id(tmp_path):
     proc = _run([str(REPO / "jobs" / "audit.py"), str(_write(tmp_path, cfg)), "--set", "reference.count=2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert re.search(r"^target\s+test acc\s+gap\s+best attack\s+AUC\s+TPR@0.1%FPR", out, re.M)
+    assert re.search(r"^target\s+test acc\s+gap\s+best attack\s+AUC \[95% CI\]\s+TPR@0.1%FPR \[95% CI\]", out, re.M)
+    assert "† 449 non-members are fewer than 1/0.1% = 1,000" in out  # the unresolvable TPR is marked, with counts
     assert re.search(r"^small\s+0\.\d{3}", out, re.M) and re.search(r"^wide\s+0\.\d{3}", out, re.M)
     run_id = re.search(r"MLflow parent run: ([0-9a-f]{32})", out).group(1)
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)

@@ -5,8 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from raymia.defenses.diffence import (Diffence, DiffenceConfig, ddim_denoise, noised, search_interval, select,
-                                      top1_log_odds)
+from raymia.defenses.diffence import (
+    Diffence,
+    DiffenceConfig,
+    ddim_denoise,
+    noised,
+    search_interval,
+    select,
+    top1_log_odds,
+)
 from raymia.diffusion.model import DiffusionSpec, build_unet, make_noise_schedule
 from raymia.models.classifiers import ModelSpec, build_model
 
@@ -148,3 +155,67 @@ def test_per_query_seeds_make_outputs_independent_of_the_batch(system, digits):
     together = d(x, seeds=[10, 11, 12, 13, 14, 15])
     alone = np.concatenate([d(x[i:i + 1], seeds=[10 + i]) for i in range(6)])
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def _js_distance_by_hand(phi_mem, phi_non, bins):
+    """Jensen-Shannon distance written out: histograms over the non-members' range (members clipped into it),
+    empty bins floored at 1e-19, natural log, the square root of the divergence."""
+    lo, hi = min(phi_non), max(phi_non)
+    hi = hi if hi > lo else lo + 1e-6
+    width = (hi - lo) / bins
+
+    def hist(values):
+        h = [0.0] * bins
+        for v in values:
+            v = min(max(v, lo), hi)
+            h[min(int((v - lo) / width), bins - 1)] += 1
+        h = [max(c, 1e-19) for c in h]
+        total = sum(h)
+        return [c / total for c in h]
+
+    p, q = hist(phi_mem), hist(phi_non)
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    div = 0.5 * sum(a * np.log(a / c) for a, c in zip(p, m)) + 0.5 * sum(b * np.log(b / c) for b, c in zip(q, m))
+    return float(np.sqrt(div))
+
+
+def test_scenario_one_interval_is_the_js_optimum_recomputed_independently(system, digits):
+    d = _diffence(system, scenario=1, grid_points=5, js_bins=12)
+    cm, cn = d.candidates(torch.from_numpy(digits.x[:25])), d.candidates(torch.from_numpy(digits.x[40:65]))
+
+    def phis(cand):
+        kept = cand.argmax(-1) == cand[:, -1:].argmax(-1)
+        return top1_log_odds(cand), kept
+
+    (phi_m, kept_m), (phi_n, kept_n) = phis(cm), phis(cn)
+    lo = float(phi_m[:, :-1][kept_m[:, :-1]].min()) if kept_m[:, :-1].any() else float(phi_m[:, -1].min())
+    hi = float(phi_n[:, :-1][kept_n[:, :-1]].max()) if kept_n[:, :-1].any() else float(phi_n[:, -1].max())
+    grid = np.linspace(lo, hi, 6)
+
+    def selected(phi, kept, a, b):  # the rule: first kept candidate inside [a, b], else the kept one nearest the middle
+        out = []
+        for row_phi, row_kept in zip(phi, kept):
+            inside = [v for v, k in zip(row_phi, row_kept) if k and a <= v <= b]
+            out.append(inside[0] if inside else min((v for v, k in zip(row_phi, row_kept) if k),
+                                                    key=lambda v: abs(v - (a + b) / 2)))
+        return out
+
+    scores = {(a, b): _js_distance_by_hand(selected(phi_m, kept_m, a, b), selected(phi_n, kept_n, a, b), 12)
+              for i, a in enumerate(grid) for b in grid[i + 1:]}
+    best = min(scores, key=scores.get)
+    assert search_interval(cm, cn, d.config) == (pytest.approx(best[0]), pytest.approx(best[1]))
+
+
+def test_released_logits_are_the_fp32_classifiers_whatever_the_unet_precision(system, digits):
+    """bf16 applies to the UNet only: the released vector is exactly what the fp32 classifier says about the chosen
+    image, and the original candidate equals the undefended output bit for bit."""
+    clf, unet = system
+    x = torch.from_numpy(digits.x[:16])
+    d = Diffence(clf, unet, ABAR, DiffenceConfig(n=4, scenario=3, precision="bf16"))
+    cand = d.candidates(x, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = clf(x).numpy()
+    assert cand.dtype == np.float32
+    np.testing.assert_array_equal(cand[:, -1], plain)
+    released = d(x.numpy(), seed=0)
+    assert ((np.abs(cand - released[:, None]).max(-1) == 0).sum(1) >= 1).all()

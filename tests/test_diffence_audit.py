@@ -19,8 +19,9 @@ def test_audit_reports_each_target_with_and_without_diffence(ray_local, tmp_path
     raw["split"] = {"target_members": 0.25, "target_nonmembers": 0.25, "population": 0.27, "calibration": 0.05,
                     "calibration_members": 0.08, "test": 0.10}
     raw["reference"] = {"count": 4}
-    raw["diffence"] = {"n": 2, "scenario": 1, "train": {"steps": 100}, "eval_population": 100}
-    raw["attacks"] = {"enabled": ["loss", "entropy", "lira_online_fixed_var", "lira_offline_fixed_var", "rmia_online"]}
+    raw["diffence"] = {"n": 2, "scenario": 1, "train": {"steps": 100}}
+    raw["attacks"] = {"enabled": ["loss", "entropy", "lira_online_fixed_var", "lira_offline_fixed_var", "rmia_online"],
+                      "rmia": {"num_z": 100}}
     raw["frontier"] = {"leakage": "auc"}
     outcome = run_audit(parse_config(raw), echo=lambda line: None)
 

@@ -18,6 +18,7 @@ def _config(tmp_path) -> dict:
             "output_dir": str(tmp_path / "runs")}
 
 
+@pytest.mark.slow
 def test_diffusion_audit_logs_three_systems_side_by_side(ray_local, tmp_path):
     cfg = parse_config(_config(tmp_path), schema=DiffusionAuditConfig)
     lines: list[str] = []

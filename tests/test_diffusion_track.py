@@ -130,23 +130,35 @@ def test_attacks_are_at_chance_on_a_model_that_saw_neither_set(teachers, attack)
     assert abs(auc - 0.5) < 0.05, auc
 
 
-@pytest.mark.parametrize("attack", ["loss", "secmi", "pia"])
+@pytest.mark.parametrize("attack", DIFFUSION_ATTACKS)
 def test_a_teacher_leaks_its_own_half_but_not_the_other(teachers, attack):
     """SecMI at t_sec = 20: a briefly trained tiny model's membership signal sits at small t (at t_sec = 100 it
-    varies from 0.46 to 0.78 with the training length)."""
+    varies from 0.46 to 0.78 with the training length). PIAN separates its own half too, but below 0.5 on these
+    tiny DDPMs: its rescaled ε0 inverts the signal, which the test records rather than hides."""
     (theta1, theta2), x = teachers
     cfg = DiffusionAttackConfig(secmi_t=20)
     non = attack_scores(attack, theta1, x["unseen_a"], ABAR, cfg).numpy()
     own = roc_auc(attack_scores(attack, theta1, x["d1"], ABAR, cfg).numpy(), non)
     other = roc_auc(attack_scores(attack, theta1, x["d2"], ABAR, cfg).numpy(), non)
-    assert own > 0.65 and abs(other - 0.5) < 0.12, (own, other)
+    if attack == "pian":
+        assert abs(own - 0.5) > 0.15 and abs(other - 0.5) < 0.12, (own, other)
+    else:
+        assert own > 0.65 and abs(other - 0.5) < 0.12, (own, other)
 
 
-def test_secmi_inversion_is_exact_for_a_constant_noise_predictor():
-    """With ε̂ constant, DDIM steps are exactly invertible, so every t-error is 0 (round-off aside)."""
+def test_secmi_inversion_is_exact_for_a_constant_noise_predictor_and_visits_its_schedule():
+    """With ε̂ constant, DDIM steps are exactly invertible, so every t-error is 0 (round-off aside) — for any
+    schedule; so the timesteps the network is asked about are recorded and checked too."""
     x0 = torch.rand(5, 1, 8, 8) * 2 - 1
-    scores = attack_scores("secmi", lambda x, t: torch.full_like(x, 0.3), x0, ABAR, DiffusionAttackConfig())
+    asked: list[int] = []
+
+    def eps(x, t):
+        asked.append(int(t[0]))
+        return torch.full_like(x, 0.3)
+
+    scores = attack_scores("secmi", eps, x0, ABAR, DiffusionAttackConfig(secmi_t=100, secmi_k=10))
     assert scores.abs().max() < 1e-8
+    assert asked == [*range(0, 90, 10), 90, 100]  # invert 0 -> 90 in steps of k, one step up (φ), one down (ψ)
 
 
 def test_frechet_distance_matches_the_gaussian_closed_form():
@@ -186,9 +198,17 @@ def test_inception_weights_load_as_tensors_from_a_local_file(tmp_path, digits):
     from raymia.diffusion.fid import inception_features
 
     weights = tmp_path / "inception.pt"
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
-    feats = inception_features(weights)(torch.from_numpy(digits.x[:3]))  # grey 8x8 -> RGB 299x299
+    plain = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False).eval()
+    torch.save(plain.state_dict(), weights)
+    images = torch.from_numpy(digits.x[:3])
+    feats = inception_features(weights)(images)  # grey 8x8 -> RGB 299x299
     assert feats.shape == (3, 2048) and np.isfinite(feats).all()
+    # torchvision's ImageNet Inception weights expect inputs in [-1, 1] (they were ported from TensorFlow)
+    plain.fc = torch.nn.Identity()
+    x = torch.nn.functional.interpolate(images.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear",
+                                        align_corners=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(feats, plain(x * 2 - 1).numpy(), rtol=1e-4, atol=1e-4)
     (tmp_path / "bad.pt").write_bytes(b"not a state dict")
     with pytest.raises(UserError, match="fid.inception_weights"):
         inception_features(tmp_path / "bad.pt")
@@ -206,3 +226,57 @@ def test_bf16_training_autocasts_the_forward_pass_and_keeps_fp32_weights(digits)
         assert all(p.dtype == torch.float32 for p in unet.parameters())
         weights.append(torch.cat([p.detach().flatten() for p in unet.parameters()]))
     assert torch.isfinite(weights[1]).all() and not torch.equal(weights[0], weights[1])  # bf16 arithmetic was used
+
+
+class _Counting:
+    """An ε-function that counts the images it is asked about."""
+
+    def __init__(self, eps):
+        self.eps, self.images = eps, 0
+
+    def __call__(self, x, t):
+        self.images += len(x)
+        return self.eps(x, t)
+
+
+def test_dualmd_is_judged_by_an_attacker_holding_both_teachers(teachers, digits):
+    """Every default timestep is even, where DualMD's sampler uses θ2 alone; the headline must still query θ1, and
+    be the per-sample better of the two teachers' scores; both sampler parities and each teacher's halves are
+    reported too."""
+    from raymia.pipeline.diffusion_track import DiffusionSystem, evaluate_system
+
+    (theta1, theta2), _ = teachers
+    cfg = parse_config({"attacks": {"enabled": ["loss", "pia"], "t_grid": [], "loss_noises": 1},
+                        "sampling": {"n_samples": 10, "steps": 2, "batch_size": 10},
+                        "split": {"members": 0.05, "nonmembers": 0.05, "heldout": 0.05}}, schema=DiffusionAuditConfig)
+    plan = plan_diffusion_audit(cfg, digits)
+    c1, c2 = _Counting(theta1), _Counting(theta2)
+    system = DiffusionSystem("dualmd", parity_eps(c1, c2), [c1, c2], {"theta1": c1, "theta2": c2})
+    report = evaluate_system(plan, system, lambda images: images.flatten(1).numpy(), "fid_proxy")
+    assert c1.images > 0 and c2.images > 0
+    x = {r: to_model_range(torch.from_numpy(digits.x[plan.roles[r]])) for r in ("members", "nonmembers")}
+    for attack in ("loss", "pia"):
+        s1 = [attack_scores(attack, theta1, x[r], ABAR, cfg.attacks).numpy() for r in ("members", "nonmembers")]
+        s2 = [attack_scores(attack, theta2, x[r], ABAR, cfg.attacks).numpy() for r in ("members", "nonmembers")]
+        both = roc_auc(np.maximum(s1[0], s2[0]), np.maximum(s1[1], s2[1]))
+        assert report.attacks[attack].metrics.auc == pytest.approx(both)
+        h1, h2 = plan.half_positions()
+        assert report.parts["theta1_own"][attack].metrics.auc == pytest.approx(roc_auc(s1[0][h1], s1[1]))
+        assert report.parts["theta2_other"][attack].metrics.auc == pytest.approx(roc_auc(s2[0][h1], s2[1]))
+        for part in ("sampler_even", "sampler_odd", "theta1_other", "theta2_own", "cross"):
+            assert attack in report.parts[part]
+
+
+def test_teacher_weights_are_a_logged_choice_between_ema_and_raw(digits, tmp_path):
+    from raymia.cache import ModelCache
+    from raymia.pipeline.diffusion_track import load_unet, train_job
+
+    cfg = parse_config({"defenses": {"enabled": ["dualmd"], "teacher_weights": "raw"},
+                        "train": {"steps": 3, "batch_size": 8, "warmup_steps": 1},
+                        "split": {"members": 0.02, "nonmembers": 0.02, "heldout": 0.02}}, schema=DiffusionAuditConfig)
+    plan = plan_diffusion_audit(cfg, digits)
+    cache = ModelCache(tmp_path)
+    train_job(plan, "teacher1", cache)
+    ema, raw = load_unet(plan, "teacher1", cache), load_unet(plan, "teacher1", cache, weights="raw")
+    assert not all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), raw.state_dict().values()))
+    assert cfg.defenses.teacher_weights == "raw" and parse_config({}, schema=DiffusionAuditConfig).defenses.teacher_weights == "ema"

@@ -7,7 +7,7 @@ import pytest
 
 from raymia.config import ChampionConfig
 from raymia.errors import UserError
-from raymia.frontier import Point, dominates, pareto_front, choose_champion
+from raymia.frontier import Point, choose_champion, dominates, pareto_front
 
 
 def _brute(points):

@@ -58,9 +58,9 @@ def test_local_audit_without_ray_equals_the_ray_audit(ray_local, tmp_path):
     raw["split"] = {"target_members": 0.25, "target_nonmembers": 0.25, "population": 0.27, "calibration": 0.05,
                     "calibration_members": 0.08, "test": 0.10}
     raw["reference"] = {"count": 4, "group_size": 3}  # two training groups, dropout drawn per group
-    raw["diffence"] = {"n": 2, "scenario": 1, "train": {"steps": 20}, "eval_population": 30}
+    raw["diffence"] = {"n": 2, "scenario": 1, "train": {"steps": 20}}
     raw["attacks"] = {"enabled": ["loss", "nn", "lira_online", "rmia_offline", "label_only_aug"],
-                      "nn": {"epochs": 2}, "loo_targets": 1}
+                      "nn": {"epochs": 2}, "loo_targets": 1, "rmia": {"num_z": 30}}
     local, on_ray = _same_config_both_ways(raw, tmp_path)
     assert set(local) == set(on_ray) == {"mlp", "mlp+diffence"}
     for name in local:

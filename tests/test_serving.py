@@ -4,7 +4,6 @@ import base64
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
-
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,8 @@ def champion(ray_local, tmp_path_factory):
     raw["split"] = {"target_members": 0.25, "target_nonmembers": 0.25, "population": 0.27, "calibration": 0.05,
                     "calibration_members": 0.08, "test": 0.10}
     raw["reference"] = {"count": 2}
-    raw["diffence"] = {"n": 2, "scenario": 1, "train": {"steps": 30}, "eval_population": 20}
-    raw["attacks"] = {"enabled": ["loss", "rmia_online"]}
+    raw["diffence"] = {"n": 2, "scenario": 1, "train": {"steps": 30}}
+    raw["attacks"] = {"enabled": ["loss", "rmia_online"], "rmia": {"num_z": 20}}
     raw["frontier"] = {"leakage": "auc"}
     raw["champion"] = {"rule": "min_leakage", "max_accuracy_drop": 0.5, "registry_name": "serve-test"}
     outcome = run_audit(parse_config(raw), echo=lambda line: None)

@@ -54,3 +54,16 @@ def test_pool_parquet_round_trip_is_exact(tmp_path):
     for field in ("indices", "labels", "roles", "model_ids", "logits", "keep", "label_only"):
         np.testing.assert_array_equal(getattr(back, field), getattr(pool, field), err_msg=field)
     assert back.query_views == pool.query_views and list(back.reference_rows) == [1, 2]
+
+
+def test_a_dropout_model_is_queried_in_eval_mode(digits):
+    """Outputs are deterministic and equal the eval-mode forward, even right after training left it in train mode."""
+    import torch
+
+    model = build_model(ModelSpec(params={"hidden": [64], "dropout": 0.5}), digits.input_shape, 10, seed=0)
+    model.train()
+    x = digits.x[:40]
+    first, second = (compute_signals([model], x, ["identity"], LabelOnlyConfig())[0] for _ in range(2))
+    np.testing.assert_array_equal(first.logits, second.logits)
+    with torch.no_grad():
+        np.testing.assert_array_equal(first.logits[:, 0], model.eval()(torch.from_numpy(x)).numpy())

@@ -61,12 +61,15 @@ METRIC_ATTACKS: dict[str, Callable[[ModelOutputs], np.ndarray]] = {
 
 
 def best_threshold(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
-    """Threshold t maximising ``(frac(in >= t) + frac(out < t)) / 2`` over the observed score values."""
+    """Threshold t maximising ``(frac(in >= t) + frac(out < t)) / 2`` over the observed score values; ties go to
+    the smallest t. The objective is compared as the exact integer ``#(in >= t) * n_out + #(out < t) * n_in``, so
+    float rounding never decides a tie."""
     cands = np.unique(np.concatenate([scores_in, scores_out]))
     s_in, s_out = np.sort(scores_in), np.sort(scores_out)
-    tpr = 1.0 - np.searchsorted(s_in, cands, side="left") / max(len(s_in), 1)
-    tnr = np.searchsorted(s_out, cands, side="left") / max(len(s_out), 1)
-    return float(cands[np.argmax(tpr + tnr)])
+    n_in, n_out = max(len(s_in), 1), max(len(s_out), 1)
+    tp = len(s_in) - np.searchsorted(s_in, cands, side="left")
+    tn = np.searchsorted(s_out, cands, side="left")
+    return float(cands[np.argmax(tp.astype(np.int64) * n_out + tn.astype(np.int64) * n_in)])
 
 
 def class_thresholds(scores_in: np.ndarray, labels_in: np.ndarray, scores_out: np.ndarray, labels_out: np.ndarray,

@@ -16,7 +16,7 @@ and label-only attacks: class-dependent; ``nn``: the attack network's own decisi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -77,12 +77,24 @@ class AttackInputs:
     z_labels: np.ndarray
 
 
+def population_sample(n: int, rmia: RMIAConfig) -> np.ndarray:
+    """Positions ``[m]`` of RMIA's z among ``n`` candidate population samples: all of them, or ``num_z`` drawn with
+    ``rmia.seed`` (the same draw for every report of an audit, DIFFENCE's included)."""
+    if rmia.num_z is None or rmia.num_z >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(rmia.seed).choice(n, rmia.num_z, replace=False))
+
+
 def _layout(pool: PoolSignals, target_row: int, ref_rows: np.ndarray, audited: np.ndarray, is_member: np.ndarray,
             rmia: RMIAConfig) -> AttackInputs:
-    z = np.flatnonzero(pool.role_mask("population"))
-    if rmia.num_z is not None and rmia.num_z < len(z):
-        z = np.sort(np.random.default_rng(rmia.seed).choice(z, rmia.num_z, replace=False))
-    trained_on = np.flatnonzero(pool.keep[ref_rows].any(axis=0))  # the reference pool: IN for some, OUT for others
+    # z: population samples the target never trained on (with population in the reference pool, a leave-one-out
+    # target trained on some of them)
+    candidates = np.flatnonzero(pool.role_mask("population") & ~pool.keep[target_row])
+    z = candidates[population_sample(len(candidates), rmia)]
+    if pool.keep[target_row, z].any():
+        raise AssertionError("RMIA's population overlaps the target's training rows")
+    keep = pool.keep[ref_rows]
+    trained_on = np.flatnonzero(keep.any(axis=0) & ~keep.all(axis=0))  # the reference pool: IN for some, OUT for others
     shadow_rows = np.ix_(ref_rows, trained_on)
     return AttackInputs(
         target=pool.logits[target_row, audited], labels=pool.labels[audited], is_member=is_member,
@@ -115,13 +127,15 @@ def leave_one_out_inputs(pool: PoolSignals, k: int, rmia: RMIAConfig | None = No
 
 @dataclass(frozen=True, eq=False)
 class AttackResult:
-    """One attack's scores on the audited members / non-members and their metrics."""
+    """One attack's scores on the audited members / non-members and their metrics; ``chosen``: knobs the attack
+    tuned on reference models only (e.g. RMIA's ``a``), recorded with the result."""
 
     name: str
     member_scores: np.ndarray
     nonmember_scores: np.ndarray
     metrics: AttackMetrics
     bal_acc_shadow: float | None
+    chosen: dict[str, float] = field(default_factory=dict)
 
 
 def _label_only_score(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -140,17 +154,31 @@ def _shadow_calibrated(score: Callable[..., np.ndarray], target_args: tuple, sha
     return s_target, balanced_accuracy(decided[m], decided[~m])
 
 
-def _tune_rmia_a(inputs: AttackInputs, cfg: RMIAConfig) -> float:
-    """Pick ``a`` on a grid by attacking reference model 0 with the others (offline), as the RMIA paper does."""
+#: Reference models used as pseudo-targets when RMIA's ``a`` is tuned.
+RMIA_TUNING_TARGETS = 4
+
+
+def tune_rmia_a(inputs: AttackInputs, cfg: RMIAConfig) -> float:
+    """``a`` on the grid 0, 0.1, ..., 1 maximising the mean offline-RMIA AUC over up to
+    :data:`RMIA_TUNING_TARGETS` reference models, each attacked as a pseudo-target with the others as its
+    references and its own keep-mask as the membership — reference models only, never the target's audited
+    memberships (ML Privacy Meter tunes on the target's complement model, which leaks them)."""
     p = true_label_prob(inputs.refs, inputs.labels, cfg.temperature)
     pz = true_label_prob(inputs.z_refs, inputs.z_labels, cfg.temperature)
-    member = inputs.ref_in[0]
-    best = (-1.0, 0.0)
-    for a in np.linspace(0, 1, 11):
-        s = rmia_scores(p[0], p[1:], inputs.ref_in[1:], pz[0], pz[1:], inputs.z_ref_in[1:], online=False,
-                        gamma=cfg.gamma, a=float(a))
-        best = max(best, (roc_auc(s[member], s[~member]), float(a)))
-    return best[1]
+    k = len(p)
+    grid = np.round(np.linspace(0, 1, 11), 10)
+    auc = np.zeros(len(grid))
+    targets = range(min(RMIA_TUNING_TARGETS, k - 1)) if k > 1 else []
+    for j in targets:
+        others = np.delete(np.arange(k), j)
+        member, z = inputs.ref_in[j], ~inputs.z_ref_in[j]  # z: population the pseudo-target never trained on
+        if member.all() or not member.any():
+            continue
+        for g, a in enumerate(grid):
+            s = rmia_scores(p[j], p[others], inputs.ref_in[others], pz[j][z], pz[others][:, z],
+                            inputs.z_ref_in[others][:, z], online=False, gamma=cfg.gamma, a=float(a))
+            auc[g] += roc_auc(s[member], s[~member])
+    return float(grid[int(np.argmax(auc))])  # ties: the smallest a
 
 
 def run_attacks(names: list[str] | tuple[str, ...], inputs: AttackInputs, knobs: AttackKnobs | None = None
@@ -164,6 +192,8 @@ def run_attacks(names: list[str] | tuple[str, ...], inputs: AttackInputs, knobs:
     identity = ModelOutputs(inputs.target[:, 0], inputs.labels)
     shadow_identity = ModelOutputs(inputs.shadow_logits[:, 0], inputs.shadow_labels)
     scores: dict[str, tuple[np.ndarray, float | None]] = {}
+    chosen: dict[str, dict[str, float]] = {}
+    rmia_a: float | None = None  # tuned once, shared by online and offline RMIA
     for name in names:
         if name in METRIC_ATTACKS:
             scores[name] = _shadow_calibrated(METRIC_ATTACKS[name], (identity,), (shadow_identity,), inputs, c)
@@ -180,13 +210,15 @@ def run_attacks(names: list[str] | tuple[str, ...], inputs: AttackInputs, knobs:
             scores[name] = (s, None)
         else:  # RMIA
             cfg = knobs.rmia
-            a = _tune_rmia_a(inputs, cfg) if cfg.a == "auto" else float(cfg.a)
+            if rmia_a is None:
+                rmia_a = tune_rmia_a(inputs, cfg) if cfg.a == "auto" else float(cfg.a)
             t = cfg.temperature
             s = rmia_scores(true_label_prob(inputs.target, inputs.labels, t), true_label_prob(inputs.refs, inputs.labels, t),
                             inputs.ref_in, true_label_prob(inputs.z_target, inputs.z_labels, t),
                             true_label_prob(inputs.z_refs, inputs.z_labels, t), inputs.z_ref_in,
-                            online=name == "rmia_online", gamma=cfg.gamma, a=a)
+                            online=name == "rmia_online", gamma=cfg.gamma, a=rmia_a)
             scores[name] = (s, None)
+            chosen[name] = {"a": rmia_a}
     m = inputs.is_member
-    return {name: AttackResult(name, s[m], s[~m], AttackMetrics.from_scores(s[m], s[~m]), bal)
+    return {name: AttackResult(name, s[m], s[~m], AttackMetrics.from_scores(s[m], s[~m]), bal, chosen.get(name, {}))
             for name, (s, bal) in scores.items()}

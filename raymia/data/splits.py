@@ -4,11 +4,14 @@ Roles (pairwise disjoint):
 
 - ``target_members``     the target model's training set (the audited IN samples);
 - ``target_nonmembers``  audited OUT samples, never trained on by the target;
-- ``population``         the attacker's pool for shadow / reference models;
+- ``population``         the attacker's data: RMIA's population samples z (and, with ``reference.pool:
+  audited_and_population``, reference-model training data); nothing the defender trains on;
 - ``calibration``        held by the defender, never trained on, never audited (validation, known non-members);
 - ``test``               utility evaluation only;
 - ``calibration_members`` trained on by every target but never audited: the defender's known members (DIFFENCE
-  calibrates on them); empty unless configured.
+  calibrates on them); empty unless configured;
+- ``defender_reference`` the defender's own public data, disjoint from everything the attacker uses: DMP's
+  unlabeled reference set, AdvReg's non-members; empty unless configured.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pyarrow as pa
 from raymia.parquet_io import read_table, write_table
 
 ROLES: tuple[str, ...] = ("target_members", "target_nonmembers", "population", "calibration", "test",
-                          "calibration_members")
+                          "calibration_members", "defender_reference")
 
 
 @dataclass(frozen=True, eq=False)

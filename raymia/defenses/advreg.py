@@ -58,8 +58,11 @@ class AdvRegPolicy(TrainingPolicy):
 
     def _adversary_step(self, member_logits: torch.Tensor, member_y: torch.Tensor) -> None:
         idx = torch.randint(0, len(self.x_ref), (len(member_y),), generator=self.gen).to(self.x_ref.device)
+        training = self.model.training
+        self.model.eval()  # a look at the reference batch must not move BatchNorm statistics of the released model
         with torch.no_grad():
             ref_logits = self.model(self.x_ref[idx])
+        self.model.train(training)
         feats = torch.cat([membership_features(member_logits.detach(), member_y),
                            membership_features(ref_logits, self.y_ref[idx])])
         target = torch.cat([torch.ones(len(member_y)), torch.zeros(len(idx))]).long().to(feats.device)
@@ -75,7 +78,7 @@ class AdvRegPolicy(TrainingPolicy):
         for _ in range(self.cfg.inner_steps):
             self._adversary_step(logits, targets)
         log_in = F.log_softmax(self.h(membership_features(logits, targets)), dim=1)[:, 1]  # log h(f(x), y)
-        self.last_gain = float(log_in.mean().exp())
+        self.last_gain = float(log_in.detach().mean().exp())
         return ce + self.cfg.lam * log_in.mean()
 
     @property

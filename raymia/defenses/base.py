@@ -30,7 +30,8 @@ class DefenseContext:
     Attributes:
         dataset: the whole dataset (features and labels).
         calibration: defender-held rows never audited (validation for early stopping).
-        reference: rows disjoint from every audited sample (DMP's unlabeled reference set, AdvReg's non-members).
+        reference: the defender's own public data (split role ``defender_reference``), disjoint from every audited
+            sample and from the attacker's population (DMP's unlabeled reference set, AdvReg's non-members).
         device: where to train.
     """
 
@@ -42,7 +43,7 @@ class DefenseContext:
     def required(self, kind: str, who: str) -> np.ndarray:
         """The ``calibration`` or ``reference`` rows, or a :class:`UserError` naming the split to enlarge."""
         rows = getattr(self, kind)
-        split = {"calibration": "calibration", "reference": "population"}[kind]
+        split = {"calibration": "calibration", "reference": "defender_reference"}[kind]
         if len(rows) == 0:
             raise UserError(f"{who} needs rows from the {split} split, which is empty; set split.{split} > 0",
                             field=f"split.{split}")

@@ -54,7 +54,8 @@ class DiffenceConfig(BaseModel):
     chunk: int | Literal["auto"] = Field("auto", description="most images per UNet / classifier call "
                                          "(auto: 512 on a CPU, where larger calls fall out of cache; 4096 on a GPU)",
                                          json_schema_extra={"changes_output": False})
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="the UNet's precision (auto: bf16 on a "
+                                                       "GPU, fp32 on a CPU); the classifier always runs in fp32")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the UNet (auto: on a GPU only; on a "
                                             "CPU it needs a C++ compiler and recompiles for new batch sizes)",
                                             json_schema_extra={"changes_output": False})
@@ -199,8 +200,10 @@ class Diffence:
 
     @torch.no_grad()
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, K]`` (fp32, on the device) of images ``[B, C, H, W]``, in chunks."""
-        with self._autocast():
+        """Logits ``[B, K]`` (fp32, on the device) of images ``[B, C, H, W]``, in chunks. Always in fp32, whatever
+        ``precision`` says (it applies to the UNet only): the released vector is then exactly what the undefended
+        classifier would say about the chosen image, and the selection sees the same logits it releases."""
+        with torch.autocast(self.device.type, enabled=False):
             outs = [self.classifier(x[i:i + self._chunk].to(self.device)).float() for i in range(0, len(x), self._chunk)]
         return torch.cat(outs)
 

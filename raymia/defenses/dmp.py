@@ -1,8 +1,9 @@
 """DMP — Distillation for Membership Privacy (Shejwalkar & Houmansadr, AAAI 2021).
 
 1. Train an unprotected teacher on the private training set (the protected rows).
-2. Label an unlabeled reference set — rows disjoint from the training set and from every audited sample (the
-   population split) — with the teacher's softened outputs softmax(z / T).
+2. Label an unlabeled reference set — rows disjoint from the training set, from every audited sample and from
+   the attacker's population (split role ``defender_reference``) — with the teacher's softened outputs
+   softmax(z / T).
 3. Keep the ``k`` reference samples whose soft labels have the LOWEST entropy (the paper's selection criterion;
    ``selection: random | high`` for ablation; the official Purchase code uses a random reference set).
 4. Train the protected student from scratch on the selected reference samples only, minimising

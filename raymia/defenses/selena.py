@@ -47,6 +47,12 @@ def split_ai_exclusions(n: int, k: int, l: int, seed: int) -> np.ndarray:
     return excl
 
 
+def split_ai_soft_labels(probs: np.ndarray, excl: np.ndarray) -> np.ndarray:
+    """Soft labels ``[n, C]`` from sub-model probabilities ``[K, n, C]``: sample i's is the mean over the sub-models
+    ``excl[:, i]`` marks, the ones that did not train on it."""
+    return (probs * excl[..., None]).sum(axis=0) / excl.sum(axis=0)[:, None]
+
+
 class SELENA(Defense):
     name = "selena"
 
@@ -61,7 +67,7 @@ class SELENA(Defense):
         train_many(subs, x, y, [rows[~excl[j]] for j in range(cfg.submodels)], recipe, seeds, device=ctx.device)
         probs = np.stack([torch.softmax(torch.from_numpy(predict_logits(m, ctx.dataset.x[rows], device=ctx.device))
                                         .double(), dim=1).numpy() for m in subs])  # [K, n, C]
-        soft = (probs * excl[..., None]).sum(axis=0) / cfg.excluded  # mean over the L sub-models that left i out
+        soft = split_ai_soft_labels(probs, excl)
         student = build(seed)
         train_classifier(student, x[rows], torch.from_numpy(soft).float(), recipe, seed=seed, device=ctx.device)
         return FitResult(student, {"submodels": float(cfg.submodels)}, rows)

@@ -83,7 +83,9 @@ def inception_features(weights: Path, *, device: torch.device | str = "cpu") -> 
         raise UserError(f"Inception weights not found: {weights}; give the path of torchvision's inception_v3 "
                         "ImageNet state dict, or leave fid.inception_weights empty for fid_proxy",
                         field="fid.inception_weights")
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    # torchvision's ImageNet weights (ported from TensorFlow) expect inputs scaled to [-1, 1]; with
+    # transform_input=True, as torchvision builds them, the network maps ImageNet-normalised inputs to that scale
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     try:
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except Exception as exc:  # noqa: BLE001 - torch.load raises UnpicklingError, RuntimeError, EOFError, ...

@@ -3,7 +3,8 @@ outputs through DIFFENCE — target and reference models alike (the adaptive att
 diffusion model, its knobs and the calibrated interval).
 
 Outputs through DIFFENCE are computed on a subset of the scored rows: all audited samples, the test split (for
-accuracy and ECE), the calibration splits and ``eval_population`` population samples (RMIA's z).
+accuracy and ECE), the calibration splits and exactly the population samples the plain report uses as RMIA's z
+(all of them, or ``attacks.rmia.num_z`` drawn the same way), so both reports are judged against the same z.
 Label-only predictions are unchanged by construction (DIFFENCE preserves every query's label), so they are
 copied from the undefended outputs.
 """
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 import raymia
+from raymia.attacks.suite import population_sample
 from raymia.cache import ModelCache
 from raymia.config import TargetConfig
 from raymia.data.queries import QUERY_VIEWS
@@ -76,9 +78,8 @@ def ensure_diffusion_model(plan: AuditPlan, cache: ModelCache, *, device: torch.
 def diffence_rows(plan: AuditPlan) -> np.ndarray:
     """Sorted dataset rows queried through DIFFENCE (see the module docstring)."""
     split = plan.split
-    pop = split["population"]
-    n_pop = min(plan.config.diffence.eval_population, len(pop))
-    pop = np.sort(np.random.default_rng(plan.config.seed).choice(pop, n_pop, replace=False)) if n_pop else pop[:0]
+    pop = split["population"]  # sorted, as in the plain pool, so the draw picks the same z
+    pop = pop[population_sample(len(pop), plan.config.attacks.rmia)]
     parts = [split[r] for r in ("target_members", "target_nonmembers", "test", "calibration", "calibration_members")]
     return np.sort(np.concatenate([*parts, pop]))
 

@@ -3,9 +3,10 @@
 Systems audited (``defenses.enabled``):
 
 - ``undefended``: one DDPM trained on all members;
-- ``dualmd``: teachers θ1 on D1 and θ2 on D2 (disjoint halves of the members), deployed together — sampled
-  alternately, attacked white-box through the ε-function of its DDPM sampler (θ2 at even t, θ1 at odd t), and
-  each teacher scored alone;
+- ``dualmd``: teachers θ1 on D1 and θ2 on D2 (disjoint halves of the members), deployed together and sampled
+  alternately. Its headline numbers are the strongest white-box attacker holding both models: per sample, the
+  better of the two teachers' scores. Also reported: the ε-function its DDPM sampler uses (θ2 at even t, θ1 at
+  odd t) at timesteps of both parities, and each teacher on its own half and on the other half;
 - ``distillmd``: a student trained on the members against the other half's teacher; only it is deployed.
 
 Models are trained by :func:`train_job` (one call per model: the platform runs them as Ray Tune trials, the
@@ -102,14 +103,26 @@ def plan_diffusion_audit(cfg: DiffusionAuditConfig, dataset: Dataset) -> Diffusi
         recipe = cfg.defenses.student or cfg.train
         seed = derive_seed(cfg.seed, "student")
         key = content_key({**base, "rows": roles["members"], "seed": seed, "recipe": recipe.model_dump(mode="json"),
-                           "teachers": [jobs["teacher1"].key, jobs["teacher2"].key]})
+                           "teachers": [jobs["teacher1"].key, jobs["teacher2"].key],
+                           "teacher_weights": cfg.defenses.teacher_weights})
         jobs["student"] = DiffusionJob("student", roles["members"], key, seed, ("teacher1", "teacher2"))
     return DiffusionPlan(cfg, dataset, roles, halves, jobs)
 
 
-def load_unet(plan: DiffusionPlan, name: str, cache: ModelCache) -> nn.Module | None:
-    """The trained model ``name`` (EMA weights, eval mode) from the cache, or ``None`` if it is not there."""
-    return load_cached_unet(cache, plan.jobs[name].key, plan.config.model, plan.dataset.input_shape)
+def raw_key(key: str) -> str:
+    """The cache key of a model's raw (non-EMA) weights."""
+    return content_key({"raw_weights_of": key})
+
+
+def load_unet(plan: DiffusionPlan, name: str, cache: ModelCache, *, weights: str = "ema") -> nn.Module | None:
+    """The trained model ``name`` (``weights``: ``ema`` or ``raw``; eval mode) from the cache, or ``None``."""
+    key = plan.jobs[name].key if weights == "ema" else raw_key(plan.jobs[name].key)
+    return load_cached_unet(cache, key, plan.config.model, plan.dataset.input_shape)
+
+
+def teacher_weights(plan: DiffusionPlan, name: str) -> str:
+    """Which weights of model ``name`` the systems use: the teachers' are ``defenses.teacher_weights``."""
+    return plan.config.defenses.teacher_weights if name.startswith("teacher") else "ema"
 
 
 def train_job(plan: DiffusionPlan, name: str, cache: ModelCache, *, device: torch.device | str = "cpu",
@@ -119,7 +132,7 @@ def train_job(plan: DiffusionPlan, name: str, cache: ModelCache, *, device: torc
     The student reads its teachers from the cache; ``schedule_log`` (a list) receives its recorded batches.
     """
     job, cfg = plan.jobs[name], plan.config
-    if cache.has_model(job.key):
+    if cache.has_model(job.key) and cache.has_model(raw_key(job.key)):
         return {"seconds": 0.0, "reused": 1.0}
     start = time.perf_counter()
     x01 = torch.from_numpy(plan.dataset.x[job.rows])
@@ -130,7 +143,7 @@ def train_job(plan: DiffusionPlan, name: str, cache: ModelCache, *, device: torc
         recipe = cfg.defenses.student or cfg.train
         teachers = []
         for t in job.teachers:
-            teacher = load_unet(plan, t, cache)
+            teacher = load_unet(plan, t, cache, weights=teacher_weights(plan, t))
             if teacher is None:
                 raise RuntimeError(f"DistillMD's {t} is not in the cache {cache.uri}; train it first")
             teachers.append(unet_eps(teacher.to(device)))
@@ -141,6 +154,7 @@ def train_job(plan: DiffusionPlan, name: str, cache: ModelCache, *, device: torc
                           target_fn=target_fn, batch_rows=batch_rows)
     seconds = time.perf_counter() - start
     cache.save_model(job.key, ema.state_dict(), {"seconds": seconds})
+    cache.save_model(raw_key(job.key), unet.state_dict(), {"seconds": seconds})
     if schedule_log is not None and job.teachers:
         schedule_log.extend(schedule.log)
     return {"seconds": seconds, "reused": 0.0}
@@ -162,7 +176,7 @@ def build_systems(plan: DiffusionPlan, cache: ModelCache, device: torch.device |
     """The enabled systems, from the trained models in the cache."""
     unets = {}
     for name in plan.jobs:  # exactly the models the enabled systems need
-        unet = load_unet(plan, name, cache)
+        unet = load_unet(plan, name, cache, weights=teacher_weights(plan, name))
         if unet is None:
             raise RuntimeError(f"diffusion model '{name}' is not in the cache {cache.uri}; train it first")
         unets[name] = unet_eps(unet.to(device))
@@ -182,10 +196,13 @@ def build_systems(plan: DiffusionPlan, cache: ModelCache, device: torch.device |
 class SystemReport:
     """One system's privacy and utility.
 
-    ``attacks``: each attack at its configured timestep (the reported protocol). ``grid``: AUC per timestep of
-    ``attacks.t_grid``; ``best_of_grid`` (attack -> (t, AUC)) picks t on the audited scores, an oracle.
-    ``parts`` (DualMD): each teacher's attacks on all members, and ``cross``: every member scored by the teacher
-    that never saw it (expected ≈ 0.5). ``fid``: named ``fid`` or ``fid_proxy``; ``samples``: a few images.
+    ``attacks``: each attack at its configured timestep (the reported protocol); for DualMD the attacker holding
+    both teachers (per sample, the better of their two scores). ``grid``: AUC per timestep of ``attacks.t_grid``;
+    ``best_of_grid`` (attack -> (t, AUC)) picks t on the audited scores, an oracle. ``parts`` (DualMD):
+    ``sampler_even`` / ``sampler_odd``, the deployed sampler's ε-function at the even / odd one of t and t + 1
+    (θ2 / θ1); ``theta1_own`` (θ1 on D1), ``theta1_other`` (θ1 on D2), ``theta2_own``, ``theta2_other``, each
+    against all non-members; ``cross``: every member scored by the teacher that never saw it (expected ≈ 0.5).
+    ``fid``: named ``fid`` or ``fid_proxy``; ``samples``: a few images.
     """
 
     name: str
@@ -231,25 +248,39 @@ def evaluate_system(plan: DiffusionPlan, system: DiffusionSystem, features: Feat
     x = {r: to_model_range(torch.from_numpy(plan.dataset.x[plan.roles[r]])).to(device)
          for r in ("members", "nonmembers")}
 
-    def run(attack: str, eps: EpsFn, t: int | None = None) -> AttackResult:
-        return _result(attack, attack_scores(attack, eps, x["members"], abar, cfg.attacks, t),
-                       attack_scores(attack, eps, x["nonmembers"], abar, cfg.attacks, t))
+    def scores(eps: EpsFn, attack: str, t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return (attack_scores(attack, eps, x["members"], abar, cfg.attacks, t),
+                attack_scores(attack, eps, x["nonmembers"], abar, cfg.attacks, t))
 
     attacks, grid, parts = {}, {}, {}
-    for a_name in cfg.attacks.enabled:
-        attacks[a_name] = run(a_name, system.eps)
-        grid[a_name] = {t: run(a_name, system.eps, t).metrics.auc for t in cfg.attacks.t_grid}
-    if system.parts:
-        halves = [torch.from_numpy(h) for h in plan.half_positions()]
-        for part, eps in system.parts.items():
-            parts[part] = {a_name: run(a_name, eps) for a_name in cfg.attacks.enabled}
+    if not system.parts:
+        for a_name in cfg.attacks.enabled:
+            attacks[a_name] = _result(a_name, *scores(system.eps, a_name))
+            grid[a_name] = {t: _result(a_name, *scores(system.eps, a_name, t)).metrics.auc for t in cfg.attacks.t_grid}
+    else:
         t1, t2 = system.parts["theta1"], system.parts["theta2"]
-        cross = {}
-        for a_name in cfg.attacks.enabled:  # D1 judged by θ2, D2 by θ1; non-members by θ1 (as the official code)
-            s1 = attack_scores(a_name, t2, x["members"][halves[0]], abar, cfg.attacks)
-            s2 = attack_scores(a_name, t1, x["members"][halves[1]], abar, cfg.attacks)
-            cross[a_name] = _result(a_name, torch.cat([s1, s2]), parts["theta1"][a_name].nonmember_scores)
-        parts["cross"] = cross
+        h1, h2 = (torch.from_numpy(h) for h in plan.half_positions())
+
+        def both(a_name: str, t: int | None = None) -> tuple[torch.Tensor, ...]:
+            (m1, n1), (m2, n2) = scores(t1, a_name, t), scores(t2, a_name, t)
+            return torch.maximum(m1, m2), torch.maximum(n1, n2), m1, n1, m2, n2
+
+        for name in ("sampler_even", "sampler_odd", "theta1_own", "theta1_other", "theta2_own", "theta2_other",
+                     "cross"):
+            parts[name] = {}
+        for a_name in cfg.attacks.enabled:
+            best_m, best_n, m1, n1, m2, n2 = both(a_name)
+            attacks[a_name] = _result(a_name, best_m, best_n)
+            grid[a_name] = {t: _result(a_name, *both(a_name, t)[:2]).metrics.auc for t in cfg.attacks.t_grid}
+            t = cfg.attacks.default_t(a_name)
+            even, odd = (t, t + 1) if t % 2 == 0 else (t + 1, t)
+            parts["sampler_even"][a_name] = _result(a_name, *scores(system.eps, a_name, even))
+            parts["sampler_odd"][a_name] = _result(a_name, *scores(system.eps, a_name, odd))
+            parts["theta1_own"][a_name] = _result(a_name, m1[h1], n1)
+            parts["theta1_other"][a_name] = _result(a_name, m1[h2], n1)
+            parts["theta2_own"][a_name] = _result(a_name, m2[h2], n2)
+            parts["theta2_other"][a_name] = _result(a_name, m2[h1], n2)
+            parts["cross"][a_name] = _result(a_name, torch.cat([m2[h1], m1[h2]]), n1)  # non-members by θ1, as the official code
     s = cfg.sampling
     images = sample(system.samplers, schedule.betas, s.n_samples, plan.dataset.input_shape,
                     sampler=s.sampler, steps=s.steps, seed=derive_seed(cfg.seed, "samples"), device=device,

@@ -83,6 +83,7 @@ class TargetReport:
             "reference_test_acc": self.reference_test_acc, "extra": self.extra, "inference": self.inference,
             "interval": self.interval,
             "bal_acc_shadow": {n: a.bal_acc_shadow for n, a in self.attacks.items()},
+            "chosen": {n: a.chosen for n, a in self.attacks.items()},
         }))
 
     @classmethod
@@ -94,7 +95,8 @@ class TargetReport:
         attacks = {}
         for name, bal in meta["bal_acc_shadow"].items():
             s = scores[name].to_numpy()
-            attacks[name] = AttackResult(name, s[member], s[~member], AttackMetrics.from_scores(s[member], s[~member]), bal)
+            attacks[name] = AttackResult(name, s[member], s[~member], AttackMetrics.from_scores(s[member], s[~member]), bal,
+                                         meta.get("chosen", {}).get(name, {}))
         return cls(target=TargetConfig.model_validate(meta["target"]), train_acc=meta["train_acc"],
                    test_acc=meta["test_acc"], attacks=attacks, scores=scores,
                    reference_test_acc=meta["reference_test_acc"], pool=PoolSignals.from_parquet(folder / "pool.parquet"),

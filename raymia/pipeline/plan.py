@@ -43,7 +43,8 @@ def defended_spec(target: TargetConfig) -> ModelSpec:
 @dataclass(frozen=True, eq=False)
 class DefenseRows:
     """Dataset rows a defense may use besides the protected ones: the defender-held calibration split
-    (validation) and the population split (reference data disjoint from every audited sample)."""
+    (validation) and the defender's reference data (split role ``defender_reference``), both disjoint from every
+    audited sample and from the attacker's population."""
 
     calibration: np.ndarray
     reference: np.ndarray
@@ -103,7 +104,11 @@ class TrainJob:
 
 @dataclass(frozen=True, eq=False)
 class AuditPlan:
-    """Everything decided before training: data, split, reference pool and keep-mask, the models to train."""
+    """Everything decided before training: data, split, reference pool and keep-mask, the models to train.
+
+    A reference model k trains on ``pool[keep[k]]`` plus the defender's known members (which every target trains
+    on too), so with ``reference.pkeep: auto`` its training set is exactly as large as the target's.
+    """
 
     config: AuditConfig
     dataset: Dataset
@@ -113,6 +118,23 @@ class AuditPlan:
     jobs: list[TrainJob]
     scored_indices: np.ndarray  # sorted dataset rows every model is queried on
     views_id: str
+
+    @property
+    def target_rows(self) -> np.ndarray:
+        """What every target trains on: the members and the defender's known members."""
+        return np.union1d(self.split["target_members"], self.split["calibration_members"])
+
+    def reference_rows(self, k: int) -> np.ndarray:
+        """What reference model ``k`` trains on."""
+        return np.union1d(self.pool[self.keep[k]], self.split["calibration_members"])
+
+    def size_mismatch(self) -> str | None:
+        """A sentence if some reference model's training set differs from the target's by more than one sample."""
+        n, sizes = len(self.target_rows), [len(self.reference_rows(k)) for k in range(len(self.keep))]
+        if max(abs(s - n) for s in sizes) <= 1:
+            return None
+        return (f"reference models train on {min(sizes)}-{max(sizes)} samples, the target on {n}: LiRA and RMIA "
+                "assume the target is distributed like a reference model; use reference.pkeep: auto")
 
     def target_jobs(self, target: str) -> list[TrainJob]:
         """The target first, then its reference models in order."""
@@ -145,7 +167,8 @@ def plan_audit(cfg: AuditConfig, dataset: Dataset) -> AuditPlan:
     ref = cfg.reference
     pool_roles = ["target_members", "target_nonmembers"] + (["population"] if ref.pool != "audited" else [])
     pool = np.sort(np.concatenate([split[r] for r in pool_roles]))
-    keep = reference_keep_mask(len(pool), ref.count, fraction=ref.pkeep, seed=cfg.seed)
+    pkeep = len(split["target_members"]) / len(pool) if ref.pkeep == "auto" else ref.pkeep
+    keep = reference_keep_mask(len(pool), ref.count, fraction=pkeep, seed=cfg.seed)
     views_id = views_fingerprint(list(cfg.attacks.queries), cfg.attacks.label_only)
     plan = AuditPlan(cfg, dataset, split, pool, keep, [], split.used_indices(), views_id)
     return dataclasses.replace(plan, jobs=[j for t in cfg.targets for j in jobs_for_target(plan, t)])
@@ -153,10 +176,9 @@ def plan_audit(cfg: AuditConfig, dataset: Dataset) -> AuditPlan:
 
 def jobs_for_target(plan: AuditPlan, target: TargetConfig) -> list[TrainJob]:
     """The target's job (trained on the members and the defender's known members) and one job per reference model
-    (its keep-mask row)."""
+    (its keep-mask row plus the known members)."""
     cfg, split, fp = plan.config, plan.split, plan.split.data_fingerprint
-    rows = DefenseRows(split["calibration"], split["population"])
-    members = np.union1d(split["target_members"], split["calibration_members"])  # known members are trained on too
+    rows = DefenseRows(split["calibration"], split["defender_reference"])
     # seeds follow what is trained, not the configuration's name: a renamed configuration (e.g. "<name>+diffence")
     # maps to the same models in the cache
     recipe = json.dumps(target.model_dump(mode="json", exclude={"name"}), sort_keys=True)
@@ -166,10 +188,11 @@ def jobs_for_target(plan: AuditPlan, target: TargetConfig) -> list[TrainJob]:
     n_groups = -(-len(seeds) // cfg.reference.group_size)
     group_of = np.concatenate([np.full(len(c), g) for g, c in enumerate(np.array_split(np.arange(len(seeds)), n_groups))])
     members_of = {g: tuple(s for s, h in zip(seeds, group_of) if h == g) for g in range(n_groups)}
-    jobs = [TrainJob(f"{target.name}/target", target, "target", 0, members, seeds[0], fp, rows, 0, members_of[0])]
+    jobs = [TrainJob(f"{target.name}/target", target, "target", 0, plan.target_rows, seeds[0], fp, rows, 0,
+                     members_of[0])]
     for k in range(cfg.reference.count):
         g = int(group_of[k + 1])
-        jobs.append(TrainJob(f"{target.name}/ref-{k:03d}", target, "reference", k, plan.pool[plan.keep[k]],
+        jobs.append(TrainJob(f"{target.name}/ref-{k:03d}", target, "reference", k, plan.reference_rows(k),
                              seeds[k + 1], fp, rows, g, members_of[g]))
     return jobs
 
