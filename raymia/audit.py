@@ -17,8 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 import raymia
 from raymia.cache import ModelCache
+from raymia.data.datasets import Dataset
+from raymia.data.queries import is_image
 from raymia.config import (
     AuditConfig,
     FrontierConfig,
@@ -48,7 +52,8 @@ from raymia.pipeline.recipe import (
 )
 from raymia.quiet import quiet_defaults
 from raymia.registry import model_artifacts, unet_artifacts
-from raymia.report import figure_png, frontier_figure, html_report, roc_png, summary_table
+from raymia.report import (close, figure_png, frontier_figure, html_report, privacy_summary, roc_png, summary_table,
+                           vulnerable_figure)
 from raymia.signals import PoolSignals
 from raymia.tracking import (
     FRONTIER_PLOT,
@@ -134,7 +139,7 @@ class AuditOutcome:
             leak = f"leakage = {self.frontier.leakage} of {who}; * = on the privacy-utility Pareto front."
         champ = f"champion: {self.champion[0].name} — {self.champion[1]}" if self.champion else ""
         report = f"report: {self.report_path}" if self.report_path else ""
-        return "\n".join(filter(None, [summary_table(rows), leak, champ, report,
+        return "\n".join(filter(None, [summary_table(rows), leak, privacy_summary(self.reports), champ, report,
                                         f"MLflow parent run: {self.run_id}"]))
 
 
@@ -211,6 +216,23 @@ def _model_files(s: _Started, target: TargetConfig) -> dict[str, bytes]:
                            loaded[0].state_dict() if loaded else None)
 
 
+def _vulnerable_pngs(dataset: Dataset, reports: list[TargetReport]) -> dict[str, bytes]:
+    """Each image target's most vulnerable samples as a PNG (label, the target's prediction, vulnerability)."""
+    out = {}
+    for r in reports:
+        v = r.privacy.vulnerable if r.privacy is not None else None
+        if v is None or not is_image(dataset.input_shape):
+            continue
+        top = v.top[:24]
+        pos = np.searchsorted(r.pool.indices, v.rows[top])
+        preds = r.pool.logits[r.pool.model("target"), pos, 0].argmax(-1)
+        fig = vulnerable_figure(dataset.x[v.rows[top]], r.pool.labels[pos], preds, v.score[top],
+                                f"{r.target.name}: most vulnerable samples (leave-one-out LiRA)")
+        out[r.target.name] = figure_png(fig)
+        close(fig)
+    return out
+
+
 def _decide(s: _Started, reports: list[TargetReport], child_ids: dict[str, str], rocs: dict[str, bytes]) -> Decision:
     """Frontier figure and table, ``report.html``, and the champion (registered in the MLflow Model Registry)."""
     cfg, run, say = s.cfg, s.run, s.say
@@ -226,7 +248,8 @@ def _decide(s: _Started, reports: list[TargetReport], child_ids: dict[str, str],
     rows = [{"configuration": p.name, "defense": p.defense, "test_acc": p.test_acc, "leakage": p.leakage,
              "leakage_ci95": list(p.leakage_ci), "on_front": p in front, "champion": bool(champion and p == champion[0]), "run_id": p.run_id}
             for p in points]
-    html = html_report(cfg.name, run.run_id, reports, rows, leak_name, {FRONTIER_PLOT: figure}, rocs, champion)
+    html = html_report(cfg.name, run.run_id, reports, rows, leak_name, {FRONTIER_PLOT: figure}, rocs, champion,
+                       _vulnerable_pngs(s.plan.dataset, reports))
     report_dir = s.output_dir / run.run_id
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "report.html").write_text(html)
@@ -256,10 +279,12 @@ def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
     child_ids: dict[str, str] = {}
     with phase(s.timings, "tracking"):
         rocs = {r.target.name: roc_png(r) for r in reports}
+        vulnerable = _vulnerable_pngs(s.plan.dataset, reports)
         for report in reports:
             name = report.target.name
             child_ids[name] = run.log_target(report, params=target_params(cfg, report, s.plan_params),
-                                             model_files=_model_files(s, report.target), roc=rocs[name])
+                                             model_files=_model_files(s, report.target), roc=rocs[name],
+                                             vulnerable_png=vulnerable.get(name))
             if len(by_seed[name]) > 1:
                 run.log_repeats(child_ids[name], by_seed[name], cfg.seeds)
         for result in utility:
@@ -287,7 +312,8 @@ def _plans(s: _Started) -> Iterator[AuditPlan]:
     """The plan of every seed the audit runs: ``seeds`` (the first one reported), else just ``seed``."""
     yield s.plan
     for seed in s.cfg.seeds[1:]:
-        yield plan_audit(s.cfg.model_copy(update={"seed": seed}), s.plan.dataset)
+        # from the data as loaded: the first plan's dataset may carry that seed's relabelled canaries
+        yield plan_audit(s.cfg.model_copy(update={"seed": seed}), s.cfg.data.load())
 
 
 def _targets_once(s: _Started, plan: AuditPlan, *, local: bool, suffix: str) -> tuple[list[TargetReport], int, set]:

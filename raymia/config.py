@@ -78,13 +78,14 @@ class SplitConfig(_Strict):
 
     @model_validator(mode="after")
     def _sums_to_at_most_one(self) -> "SplitConfig":
-        total = sum(getattr(self, r) for r in ROLES)
+        total = sum(self.fractions().values())
         if total > 1 + 1e-9:
             raise ValueError(f"fractions sum to {total:.3f} > 1; lower some of {list(ROLES)}")
         return self
 
     def fractions(self) -> dict[str, float]:
-        return {r: getattr(self, r) for r in ROLES}
+        """Each role's fraction (``canaries`` are sized by ``audit.canaries``, see :func:`plan_audit`)."""
+        return {r: getattr(self, r, 0.0) for r in ROLES}
 
 
 class TargetConfig(_Strict):
@@ -210,7 +211,9 @@ class FrontierConfig(_Strict):
     """Privacy-utility frontier: leakage = ``leakage`` metric of ``attack`` (``best``: the strongest attack, i.e.
     the maximum over attacks), against test accuracy."""
 
-    leakage: Literal["tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", "tpr_at_0.01pct_fpr", "auc"] = "tpr_at_0.1pct_fpr"
+    leakage: Literal["tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", "tpr_at_0.01pct_fpr", "auc", "eps_estimate",
+                     "eps_lower_bound", "vulnerable_tpr_at_1pct_fpr", "vulnerable_tpr_at_0.1pct_fpr"
+                     ] = "tpr_at_0.1pct_fpr"
     attack: str = "best"
 
     @field_validator("attack")
@@ -219,6 +222,55 @@ class FrontierConfig(_Strict):
         if v != "best" and v not in ATTACK_NAMES:
             raise ValueError(f"unknown attack '{v}'; use best or one of {list(ATTACK_NAMES)}")
         return v
+
+
+class PrivacyAuditConfig(_Strict):
+    """Privacy auditing on top of the attacks (reference: ``docs/dp-auditing.md``).
+
+    - ``eps``: every attack's empirical ε lower bound (``dp.<attack>.eps_estimate``), its threshold chosen on a
+      reference model; an *estimate* (the samples of one model are not independent trials).
+    - ``mode: one_run`` (Steinke, Nasr & Jagielski 2023): ``canaries`` rows, each included in the target's
+      training by a fair coin; ``attack`` scores them with reference models that never depended on the coins,
+      the ``guesses`` highest are guessed IN and the ``guesses`` lowest OUT; the correct guesses certify
+      ``dp.eps_lower_bound`` with confidence 1 − ``beta``. ``canary_kind: mislabelled`` relabels each canary to
+      another class (for the target and every reference model), the stronger canary.
+    - ``vulnerable``: rank the audited samples by leave-one-out LiRA on half of the reference models and measure
+      the attack on the ``vulnerable`` most vulnerable ones with the other half (Aerni et al. 2024).
+    - ``delta``: δ of every bound (default: the DP-SGD target's δ, else 1e-5); ``alpha``: 1 − confidence of the
+      ε estimates.
+    """
+
+    eps: bool = True
+    mode: Literal["none", "one_run"] = "none"
+    canaries: int = Field(0, ge=0)
+    canary_kind: Literal["natural", "mislabelled"] = "mislabelled"
+    guesses: int | list[int] | None = None
+    attack: str = "lira_online"
+    beta: float = Field(0.05, gt=0, lt=1)
+    vulnerable: int = Field(100, ge=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+    @field_validator("attack")
+    @classmethod
+    def _known_attack(cls, v: str) -> str:
+        if v not in ATTACK_NAMES:
+            raise ValueError(f"unknown attack '{v}'; use one of {list(ATTACK_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _canaries_for_one_run(self) -> "PrivacyAuditConfig":
+        if self.mode == "one_run" and self.canaries < 2:
+            raise ValueError("mode one_run needs canaries (e.g. canaries: 500): rows the target trains on by a coin")
+        if self.mode == "one_run" and (bad := [k for k in self.ks() if not 1 <= k <= self.canaries // 2]):
+            raise ValueError(f"guesses {bad} top + bottom exceed the {self.canaries} canaries (or are < 1)")
+        return self
+
+    def ks(self) -> list[int]:
+        """The guesses per side to try: ``guesses`` (a list is a search, paid for by β / len), else a tenth of the
+        canaries."""
+        g = self.guesses if self.guesses is not None else max(1, self.canaries // 10)
+        return sorted(set(g)) if isinstance(g, list) else [g]
 
 
 class ChampionConfig(_Strict):
@@ -231,7 +283,7 @@ class ChampionConfig(_Strict):
     """
 
     rule: Literal["max_accuracy", "min_leakage"] = "max_accuracy"
-    max_leakage: float | None = Field(None, ge=0, le=1)
+    max_leakage: float | None = Field(None, ge=0)
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)
     registry_name: str = Field("raymia-champion", min_length=1)
 
@@ -290,6 +342,7 @@ class AuditConfig(RunConfig):
     diffence: DiffenceAuditConfig | None = None
     reference: ReferenceConfig = ReferenceConfig()
     attacks: AttackConfig = AttackConfig()
+    audit: PrivacyAuditConfig = PrivacyAuditConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -330,6 +383,20 @@ class AuditConfig(RunConfig):
             raise ValueError("diffence scenario 1 calibrates on known non-members: set split.calibration > 0")
         if d is not None and self.sweep is not None and self.sweep.objective == "utility":
             raise ValueError("diffence does not change accuracy; drop it from a utility-only sweep")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_audit_fits(self) -> "AuditConfig":
+        a, leak = self.audit, self.frontier.leakage
+        if a.mode == "one_run" and a.attack not in self.attacks.enabled:
+            raise ValueError(f"audit.attack {a.attack} is not in attacks.enabled")
+        if leak == "eps_lower_bound" and a.mode != "one_run":
+            raise ValueError("frontier.leakage eps_lower_bound needs audit.mode: one_run (and audit.canaries)")
+        if leak == "eps_estimate" and not a.eps:
+            raise ValueError("frontier.leakage eps_estimate needs audit.eps: true")
+        if leak.startswith("vulnerable") and (a.vulnerable == 0 or self.reference.count < 8):
+            raise ValueError("frontier.leakage on the vulnerable subset needs audit.vulnerable > 0 and "
+                             "reference.count >= 8 (half rank, half measure)")
         return self
 
 

@@ -27,6 +27,9 @@ class Point:
 def leakage_of(report: object, cfg: FrontierConfig) -> tuple[float, tuple[float, float]]:
     """The configured leakage metric of the configured attack (``best``: the maximum over attacks) and its 95 %
     interval (DeLong for AUC, Clopper–Pearson for a TPR)."""
+    if cfg.leakage.startswith(("eps_", "vulnerable_")):
+        return _privacy_leakage(report, cfg.leakage)
+
     def metric(a: object) -> tuple[float, tuple[float, float]]:
         m = a.metrics
         if cfg.leakage == "auc":
@@ -38,6 +41,24 @@ def leakage_of(report: object, cfg: FrontierConfig) -> tuple[float, tuple[float,
     if cfg.attack not in report.attacks:
         raise UserError(f"frontier attack '{cfg.attack}' was not run; add it to attacks.enabled", field="frontier.attack")
     return metric(report.attacks[cfg.attack])
+
+
+def _privacy_leakage(report: object, leakage: str) -> tuple[float, tuple[float, float]]:
+    """The worst-case leakages: an ε bound (no interval: it is itself a one-sided bound) or the TPR of the
+    attack on the most vulnerable samples with its Clopper–Pearson interval."""
+    p = report.privacy
+    if leakage == "eps_lower_bound":
+        eps = p.one_run.eps if p is not None and p.one_run is not None else float("nan")
+        return eps, (eps, eps)
+    if leakage == "eps_estimate":
+        best = p.strongest_estimate() if p is not None else None
+        eps = best[1].eps if best is not None else float("nan")
+        return eps, (eps, eps)
+    m = p.vulnerable.metrics("top") if p is not None and p.vulnerable is not None else None
+    if m is None:
+        return float("nan"), (float("nan"), float("nan"))
+    r = m.at_fpr[leakage.removeprefix("vulnerable_tpr_at_").removesuffix("_fpr")]
+    return r.tpr, r.ci
 
 
 def dominates(a: Point, b: Point) -> bool:

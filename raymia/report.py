@@ -113,9 +113,11 @@ def roc_png(report: Any) -> bytes:
 
 
 def html_report(title: str, run_id: str, reports: list, rows: list[dict], leakage_name: str,
-                figures: dict[str, Any], rocs: dict[str, bytes], champion: Any = None) -> str:
-    """A self-contained HTML page (figures inlined as base64 PNG): configurations, frontier, champion, and each
-    configuration's ROC curves (``rocs``: PNG by configuration name, from :func:`roc_png`)."""
+                figures: dict[str, Any], rocs: dict[str, bytes], champion: Any = None,
+                vulnerable: dict[str, bytes] | None = None) -> str:
+    """A self-contained HTML page (figures inlined as base64 PNG): configurations, frontier, champion, each
+    configuration's ROC curves (``rocs``: PNG by configuration name, from :func:`roc_png`) and, with privacy
+    findings, the ε bounds and the most vulnerable samples (``vulnerable``: PNG by configuration name)."""
     by_name = {r.target.name: r for r in reports}
     body = [f"<h1>raymia audit: {html.escape(title)}</h1>",
             f"<p>MLflow parent run <code>{run_id}</code>. Leakage = {html.escape(leakage_name)}. AUC and TPR are "
@@ -140,7 +142,65 @@ def html_report(title: str, run_id: str, reports: list, rows: list[dict], leakag
     body += [f"<h2>Privacy-utility frontier</h2>{_img(fig, keep=True)}" for fig in figures.values()]
     body.append("<h2>Attacks per configuration (log-log ROC)</h2>")
     body += [f'<img src="data:image/png;base64,{base64.b64encode(rocs[r.target.name]).decode()}">' for r in reports]
+    if any(r.privacy is not None for r in reports):
+        body.append("<h2>Does the guarantee hold? ε lower bounds and the most vulnerable samples</h2>")
+        body.append(_table(PRIVACY_HEAD, [privacy_cells(r) for r in reports if r.privacy is not None]))
+        body.append(f"<p>{html.escape(PRIVACY_NOTE)}</p>")
+        body += [f"<p>{html.escape(w)}</p>" for r in reports if r.privacy is not None for w in r.privacy.warnings()]
+        for name, png in (vulnerable or {}).items():
+            body.append(f"<h3>{html.escape(name)}: the most vulnerable samples</h3>"
+                        f'<img alt="most vulnerable samples of {html.escape(name)}" '
+                        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
     return _page(title, body, "max-width:720px;display:block;margin:1em 0")
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+            + "</table>")
+
+
+PRIVACY_HEAD = ["configuration", "claimed ε", "ε estimate (attack, counts)", "one-run ε lower bound (m, v/r, β)",
+                "TPR@1%FPR: all [95% CI]", "most vulnerable [95% CI]", "canaries [95% CI]"]
+PRIVACY_NOTE = ("The ε estimate treats the audited samples of one model as independent trials, which they are not: "
+                "it is an estimate, not a certificate. The one-run bound is certified (Steinke et al. 2023) at "
+                "confidence 1 − β. Vulnerability: leave-one-out LiRA, samples ranked on one half of the reference "
+                "models and measured on the other half.")
+
+
+def privacy_cells(report: Any) -> list[str]:
+    """One configuration's row of the privacy table (see :data:`PRIVACY_HEAD`)."""
+    p = report.privacy
+    best = p.strongest_estimate()
+    est = "–" if best is None else (f"{best[1].eps:.2f} ({best[0]}, {best[1].tp}/{best[1].tp + best[1].fn} TP, "
+                                    f"{best[1].fp}/{best[1].fp + best[1].tn} FP)")
+    o = p.one_run
+    one = "–" if o is None else f"{o.eps:.2f} (m={o.m}, {o.v}/{o.r}, β={o.beta:g})"
+    cells = [report.target.name, "–" if p.claimed_eps is None else f"{p.claimed_eps:.2f}", est, one]
+    for subset in ("all", "top", "canary"):
+        m = p.vulnerable.metrics(subset) if p.vulnerable is not None else None
+        cells.append("–" if m is None else tpr_cell(m.at_fpr["1pct"]))
+    return cells
+
+
+def vulnerable_figure(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, scores: np.ndarray,
+                      title: str) -> Any:
+    """Up to 24 images ``[n, C, H, W]`` in [0, 1] (most vulnerable first) captioned with label, the target's
+    prediction and the vulnerability score."""
+    n = min(len(images), 24)
+    cols = min(n, 8)
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3 + 0.3), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            img = images[i].transpose(1, 2, 0)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0, vmax=1)
+            ax.set_title(f"y={labels[i]} ŷ={preds[i]}\ns={scores[i]:.1f}", fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 #: The mark after a TPR that cannot be resolved at its FPR level with the non-members audited.
@@ -181,11 +241,25 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         headers.append("leakage")
         for cell, r in zip(cells, rows):
             cell.append(f"{r['leakage']:.3f}" + ("*" if r.get("on_front") else ""))
+    notes = [unresolved_note(r["tpr"]) for r in rows[:1] if not r["tpr"].resolvable]
+    return "\n".join([fixed_width(headers, cells), *notes])
+
+
+def fixed_width(headers: list[str], cells: list[list[str]]) -> str:
+    """A plain-text table: the header, a rule, one line per row, columns padded to their widest cell."""
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    notes = [unresolved_note(r["tpr"]) for r in rows[:1] if not r["tpr"].resolvable]
-    return "\n".join([line, "  ".join("-" * w for w in widths), *body, *notes])
+    return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+
+
+def privacy_summary(reports: list) -> str:
+    """The privacy table for the terminal, then a WARNING line for every bound above the accountant's ε."""
+    found = [r for r in reports if r.privacy is not None]
+    if not found:
+        return ""
+    warnings = [f"WARNING: {r.target.name}: {w}" for r in found for w in r.privacy.warnings()]
+    return "\n".join([fixed_width(PRIVACY_HEAD, [privacy_cells(r) for r in found]), *warnings])
 
 
 def sample_grid(images: Any, title: str) -> Any:

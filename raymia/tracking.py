@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -51,6 +52,9 @@ SIGNALS_FILE = "signals/pool.parquet"          # child: every model's outputs an
 PROTOCOL_FILE = "protocol.json"                # child: where each number's threshold comes from
 TARGET_FILE = "target.json"                    # child: the target configuration
 MODEL_DIR = "model"                            # child: the model (format: raymia.registry)
+PRIVACY_FILE = "privacy/findings.json"         # child: ε bounds with their counts, thresholds and δ
+VULNERABLE_FILE = "privacy/per_sample.parquet"  # child: per-sample vulnerability, rank, canary coins and guesses
+VULNERABLE_PLOT = "plots/vulnerable.png"       # child: the most vulnerable images
 SYSTEM_ROC_PLOT = "plots/roc.png"              # diffusion-track child
 SAMPLES_PLOT = "plots/samples.png"             # diffusion-track child
 GRID_FILE = "grid.json"                        # diffusion-track child: AUC per timestep
@@ -191,9 +195,61 @@ def target_metrics(report: Any) -> dict[str, float]:
     m["mia.n_members"] = float(best.metrics.n_members)
     m["mia.n_nonmembers"] = float(best.metrics.n_nonmembers)
     m.update(report.extra)
+    if report.privacy is not None:
+        m.update(privacy_metrics(report.privacy))
     if report.interval is not None:
         m.update(dict(zip(INTERVAL_METRICS, report.interval)))
     return {k: float(v) for k, v in m.items()}
+
+
+def privacy_metrics(p: Any) -> dict[str, float]:
+    """The documented ``dp.*`` / ``vuln.*`` metric names of one target's
+    :class:`~raymia.pipeline.dp_audit.PrivacyFindings`."""
+    m: dict[str, float] = {"dp.delta": p.delta}
+    if p.claimed_eps is not None:
+        m["dp.claimed_eps"] = p.claimed_eps
+    for name, e in p.estimates.items():
+        k = f"dp.{name}.eps_estimate"
+        m.update({k: e.eps, f"{k}.tp": e.tp, f"{k}.fp": e.fp, f"{k}.fn": e.fn, f"{k}.tn": e.tn, f"{k}.alpha": e.alpha_used})
+        if math.isfinite(e.threshold):
+            m[f"{k}.threshold"] = e.threshold
+    if (best := p.strongest_estimate()) is not None:
+        m["dp.eps_estimate"] = best[1].eps
+    if (o := p.one_run) is not None:
+        m.update({"dp.eps_lower_bound": o.eps, "dp.one_run.canaries": o.m, "dp.one_run.guesses": o.r,
+                  "dp.one_run.correct": o.v, "dp.one_run.beta": o.beta, "dp.one_run.k_searched": o.searched})
+    if (v := p.vulnerable) is not None:
+        m["vuln.top_k"] = len(v.top)
+        for subset in ("all", "top", "canary"):
+            if (sm := v.metrics(subset)) is not None:
+                m.update(attack_metric_values(f"vuln.{subset}.", sm, ("1pct", "0.1pct")))
+    m["dp.claim_violated"] = float(bool(p.warnings()))
+    return m
+
+
+def privacy_files(report: Any) -> dict[str, bytes]:
+    """``privacy/findings.json`` and ``privacy/per_sample.parquet`` of one target (empty without findings)."""
+    p = report.privacy
+    if p is None:
+        return {}
+    meta: dict[str, Any] = {"delta": p.delta, "claimed_eps": p.claimed_eps, "warnings": p.warnings(),
+                            "estimates": {n: {**e.__dict__, "decision": "member iff score >= threshold",
+                                              "kind": "estimate (samples of one model are not independent)"}
+                                          for n, e in p.estimates.items()}}
+    if (o := p.one_run) is not None:
+        meta["one_run"] = {"eps_lower_bound": o.eps, "canaries": o.m, "guesses": o.r, "correct": o.v,
+                           "delta": o.delta, "beta": o.beta, "k_searched": o.searched, "attack": o.attack,
+                           "kind": "certified (Steinke et al. 2023); beta already divided by k_searched"}
+    files = {PRIVACY_FILE: json.dumps(meta, indent=2).encode()}
+    if (v := p.vulnerable) is not None:
+        rank = np.empty(len(v.score), np.int64)
+        rank[np.argsort(-v.score, kind="stable")] = np.arange(len(v.score))
+        frame = pd.DataFrame({"index": v.rows, "vulnerability": v.score, "rank": rank,
+                              "most_vulnerable": np.isin(np.arange(len(v.score)), v.top)})
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        files[VULNERABLE_FILE] = buf.getvalue()
+    return files
 
 
 def system_metrics(report: Any) -> dict[str, float]:
@@ -288,9 +344,10 @@ class AuditRun:
         self.client.set_terminated(child_id, "FINISHED")
 
     def log_target(self, report: Any, *, params: dict[str, Any], model_files: dict[str, bytes],
-                   roc: bytes | None = None) -> str:
+                   roc: bytes | None = None, vulnerable_png: bytes | None = None) -> str:
         """One child run per target configuration: params, the documented metrics, figures (``roc``: the ROC PNG
-        if already rendered), per-sample scores, every model's outputs and the target's model files."""
+        if already rendered; ``vulnerable_png``: the most vulnerable images), per-sample scores, the privacy
+        findings, every model's outputs and the target's model files."""
         t = report.target
         best = report.best_attack()
         tags = {"mia.best_attack": best.name, **{f"threshold_source.{k}": v for k, v in THRESHOLD_SOURCES.items()}}
@@ -304,7 +361,9 @@ class AuditRun:
                 self.log_files({ROC_PLOT: roc if roc is not None else roc_png(report), SCORES_FILE: scores.getvalue(),
                                 SIGNALS_FILE: report.pool.to_parquet(Path(d) / "pool"),
                                 PROTOCOL_FILE: json.dumps(target_protocol(report), indent=2).encode(),
-                                TARGET_FILE: t.model_dump_json(indent=2).encode(), **model_files}, child_id)
+                                TARGET_FILE: t.model_dump_json(indent=2).encode(), **model_files,
+                                **privacy_files(report),
+                                **({VULNERABLE_PLOT: vulnerable_png} if vulnerable_png else {})}, child_id)
         return child_id
 
     def log_repeats(self, child_id: str, reports: list[Any], seeds: list[int]) -> None:

@@ -85,8 +85,10 @@ def population_sample(n: int, rmia: RMIAConfig) -> np.ndarray:
     return np.sort(np.random.default_rng(rmia.seed).choice(n, rmia.num_z, replace=False))
 
 
-def _layout(pool: PoolSignals, target_row: int, ref_rows: np.ndarray, audited: np.ndarray, is_member: np.ndarray,
-            rmia: RMIAConfig) -> AttackInputs:
+def attack_inputs(pool: PoolSignals, target_row: int, ref_rows: np.ndarray, audited: np.ndarray,
+                  is_member: np.ndarray, rmia: RMIAConfig) -> AttackInputs:
+    """What the attacker of model ``target_row`` observes on the pool positions ``audited`` (ground truth
+    ``is_member``), with the models ``ref_rows`` as its references."""
     # z: population samples the target never trained on (with population in the reference pool, a leave-one-out
     # target trained on some of them)
     candidates = np.flatnonzero(pool.role_mask("population") & ~pool.keep[target_row])
@@ -113,7 +115,7 @@ def _layout(pool: PoolSignals, target_row: int, ref_rows: np.ndarray, audited: n
 def separate_target_inputs(pool: PoolSignals, rmia: RMIAConfig | None = None) -> AttackInputs:
     """The separately trained target, audited on its members and non-members."""
     audited = np.flatnonzero(pool.role_mask("target_members", "target_nonmembers"))
-    return _layout(pool, pool.model("target"), pool.reference_rows, audited,
+    return attack_inputs(pool, pool.model("target"), pool.reference_rows, audited,
                    pool.roles[audited] == "target_members", rmia or RMIAConfig())
 
 
@@ -122,7 +124,7 @@ def leave_one_out_inputs(pool: PoolSignals, k: int, rmia: RMIAConfig | None = No
     and the audited examples are IN for it where its keep-mask says so."""
     refs = pool.reference_rows
     audited = np.flatnonzero(pool.role_mask("target_members", "target_nonmembers"))
-    return _layout(pool, refs[k], np.delete(refs, k), audited, pool.keep[refs[k], audited], rmia or RMIAConfig())
+    return attack_inputs(pool, refs[k], np.delete(refs, k), audited, pool.keep[refs[k], audited], rmia or RMIAConfig())
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,7 +11,10 @@ Roles (pairwise disjoint):
 - ``calibration_members`` trained on by every target but never audited: the defender's known members (DIFFENCE
   calibrates on them); empty unless configured;
 - ``defender_reference`` the defender's own public data, disjoint from everything the attacker uses: DMP's
-  unlabeled reference set, AdvReg's non-members; empty unless configured.
+  unlabeled reference set, AdvReg's non-members; empty unless configured;
+- ``canaries``           one-run DP auditing (``audit.canaries``): each trained on by the target by a fair coin,
+  IN or OUT for reference models like the audited samples, never audited by the ordinary attacks; empty unless
+  configured.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pyarrow as pa
 from raymia.parquet_io import read_table, write_table
 
 ROLES: tuple[str, ...] = ("target_members", "target_nonmembers", "population", "calibration", "test",
-                          "calibration_members", "defender_reference")
+                          "calibration_members", "defender_reference", "canaries")
 
 
 @dataclass(frozen=True, eq=False)

@@ -30,6 +30,9 @@ class DPSGDConfig(BaseModel):
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    #: auditing the auditor: the noise actually added is ``noise_scale`` × σ while the accountant is told σ.
+    #: Anything but 1 breaks the guarantee on purpose (the reported ε is then false); privacy audits flag it.
+    noise_scale: float = Field(1.0, gt=0, le=1)
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> "DPSGDConfig":
@@ -59,7 +62,7 @@ class DPSGDPolicy(TrainingPolicy):
         from opacus.optimizers import DPOptimizer
 
         self._wrapped = GradSampleModule(model)
-        dp_opt = DPOptimizer(optimizer, noise_multiplier=self.sigma, max_grad_norm=self.cfg.max_grad_norm,
+        dp_opt = DPOptimizer(optimizer, noise_multiplier=self.sigma * self.cfg.noise_scale, max_grad_norm=self.cfg.max_grad_norm,
                              expected_batch_size=self.batch_size)
         dp_opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -71,7 +74,14 @@ class DPSGDPolicy(TrainingPolicy):
 
     @property
     def extra(self) -> dict[str, float]:
-        return {"dp_epsilon": float(self.accountant.get_epsilon(self.cfg.delta)), "dp_noise_multiplier": self.sigma}
+        accountant = self.accountant
+        if self.cfg.noise_scale != 1:  # the broken mechanism claims the nominal σ's ε
+            from opacus.accountants import RDPAccountant
+
+            accountant = RDPAccountant()
+            accountant.history = [(self.sigma, q, steps) for _, q, steps in self.accountant.history]
+        return {"dp_epsilon": float(accountant.get_epsilon(self.cfg.delta)), "dp_noise_multiplier": self.sigma,
+                "dp_noise_scale": self.cfg.noise_scale}
 
 
 class DPSGD(Defense):

@@ -3,7 +3,7 @@ outputs through DIFFENCE — target and reference models alike (the adaptive att
 diffusion model, its knobs and the calibrated interval).
 
 Outputs through DIFFENCE are computed on a subset of the scored rows: all audited samples, the test split (for
-accuracy and ECE), the calibration splits and exactly the population samples the plain report uses as RMIA's z
+accuracy and ECE), the calibration splits, the canaries of one-run auditing and exactly the population samples the plain report uses as RMIA's z
 (all of them, or ``attacks.rmia.num_z`` drawn the same way), so both reports are judged against the same z.
 Label-only predictions are unchanged by construction (DIFFENCE preserves every query's label), so they are
 copied from the undefended outputs.
@@ -80,7 +80,8 @@ def diffence_rows(plan: AuditPlan) -> np.ndarray:
     split = plan.split
     pop = split["population"]  # sorted, as in the plain pool, so the draw picks the same z
     pop = pop[population_sample(len(pop), plan.config.attacks.rmia)]
-    parts = [split[r] for r in ("target_members", "target_nonmembers", "test", "calibration", "calibration_members")]
+    parts = [split[r] for r in ("target_members", "target_nonmembers", "test", "calibration", "calibration_members",
+                                "canaries")]
     return np.sort(np.concatenate([*parts, pop]))
 
 

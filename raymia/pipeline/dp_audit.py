@@ -48,7 +48,8 @@ def eps_estimates(pool: PoolSignals, attacks: dict[str, AttackResult], names: li
 @dataclass(frozen=True)
 class OneRunBound:
     """The one-run audit: m canaries, r = 2k guesses of which v were right, at (δ, β) with the fixed attack; the
-    certified ε lower bound; per canary its coin (+1 trained on), score and guess."""
+    certified ε lower bound (``searched``: how many k were tried, β already divided by it); per canary its coin
+    (+1 trained on), score and guess."""
 
     eps: float
     m: int
@@ -61,31 +62,38 @@ class OneRunBound:
     coins: np.ndarray
     scores: np.ndarray
     guesses: np.ndarray
+    searched: int = 1
 
 
 def one_run_bound(pool: PoolSignals, coins: np.ndarray, rows: np.ndarray, knobs: AttackKnobs, *, attack: str,
-                  guesses: int, delta: float, beta: float, seed: int) -> OneRunBound:
+                  ks: list[int], delta: float, beta: float, seed: int) -> OneRunBound:
     """Score the canaries ``rows`` (dataset rows, with their ``coins`` in {+1, −1}) with ``attack`` and turn the
-    top/bottom-``guesses`` guesses into Steinke et al.'s bound. The coins are only used to count correct guesses."""
+    top/bottom-k guesses into Steinke et al.'s bound, for each k in ``ks`` at β / len(ks) (Bonferroni: the best k
+    is still a 1 − β statement); the best. The coins are only used to count correct guesses."""
     pos = np.searchsorted(pool.indices, rows)
     member = coins > 0
     inputs = attack_inputs(pool, pool.model("target"), pool.reference_rows, pos, member, knobs.rmia)
     result = run_attacks([attack], inputs, knobs)[attack]
     scores = np.empty(len(rows))
     scores[member], scores[~member] = result.member_scores, result.nonmember_scores
-    g = one_run_guesses(scores, guesses, guesses, np.random.default_rng([seed, 0x6E55]))
-    v = int(((g * coins) > 0).sum())
-    r = int((g != 0).sum())
-    return OneRunBound(eps_one_run(len(rows), r, v, delta=delta, beta=beta), len(rows), r, v, delta, beta, attack,
-                       rows, coins, scores, g)
+    b = beta / len(ks)
+    best = None
+    for k in ks:
+        g = one_run_guesses(scores, k, k, np.random.default_rng([seed, 0x6E55]))
+        v, r = int(((g * coins) > 0).sum()), int((g != 0).sum())
+        found = OneRunBound(eps_one_run(len(rows), r, v, delta=delta, beta=b), len(rows), r, v, delta, b, attack,
+                            rows, coins, scores, g, len(ks))
+        if best is None or found.eps > best.eps:
+            best = found
+    return best
 
 
 @dataclass(frozen=True)
 class Vulnerability:
     """Per-sample vulnerability (``score [n]`` over the audited dataset ``rows``; higher = more at risk), the
     ``top`` positions ranked on one half of the reference models, and leave-one-out LiRA scores pooled over the
-    other half (``pooled``: ``top_in`` / ``top_out`` on the top-k samples, ``all_in`` / ``all_out`` on all
-    samples — the average), with their metrics."""
+    other half: ``pooled`` holds ``top_in`` / ``top_out`` (the top-k samples), ``all_in`` / ``all_out`` (all
+    audited samples — the average case) and, with canaries, ``canary_in`` / ``canary_out``."""
 
     rows: np.ndarray
     score: np.ndarray
@@ -94,13 +102,12 @@ class Vulnerability:
     models_measured: int
     pooled: dict[str, np.ndarray] = field(default_factory=dict)
 
-    @property
-    def top_metrics(self) -> AttackMetrics:
-        return AttackMetrics.from_scores(self.pooled["top_in"], self.pooled["top_out"])
-
-    @property
-    def all_metrics(self) -> AttackMetrics:
-        return AttackMetrics.from_scores(self.pooled["all_in"], self.pooled["all_out"])
+    def metrics(self, subset: str) -> AttackMetrics | None:
+        """The attack's metrics on ``subset`` (``top``, ``all`` or ``canary``), ``None`` where it has no scores."""
+        s_in, s_out = self.pooled.get(f"{subset}_in"), self.pooled.get(f"{subset}_out")
+        if s_in is None or not len(s_in) or not len(s_out):
+            return None
+        return AttackMetrics.from_scores(s_in, s_out)
 
 
 def _loo_lira(phi: np.ndarray, keep: np.ndarray, group: np.ndarray, cfg: LiRAConfig) -> np.ndarray:
@@ -118,24 +125,24 @@ def vulnerability(pool: PoolSignals, *, top_k: int, lira: LiRAConfig) -> Vulnera
     if len(refs) < 8:
         return None
     rows = np.flatnonzero(pool.role_mask("target_members", "target_nonmembers"))
-    phi = scaled_logit(pool.logits[np.ix_(refs, rows)], pool.labels[rows])  # [K, n, A]
-    keep = pool.keep[np.ix_(refs, rows)]
+    canaries = np.flatnonzero(pool.role_mask("canaries"))
+    cols = np.concatenate([rows, canaries])
+    phi = scaled_logit(pool.logits[np.ix_(refs, cols)], pool.labels[cols])  # [K, n + m, A]
+    keep = pool.keep[np.ix_(refs, cols)]
     half = len(refs) // 2
     rank_on, measure_on = np.arange(half), np.arange(half, len(refs))
-    s_rank = _loo_lira(phi, keep, rank_on, lira)
-    k_in = keep[rank_on]
+    s_rank, k_rank = _loo_lira(phi, keep, rank_on, lira)[:, :len(rows)], keep[rank_on, :len(rows)]
     with np.errstate(invalid="ignore"):
-        mean_in = np.where(k_in, s_rank, 0).sum(0) / k_in.sum(0)
-        mean_out = np.where(~k_in, s_rank, 0).sum(0) / (~k_in).sum(0)
+        mean_in = np.where(k_rank, s_rank, 0).sum(0) / k_rank.sum(0)
+        mean_out = np.where(~k_rank, s_rank, 0).sum(0) / (~k_rank).sum(0)
     score = np.nan_to_num(mean_in - mean_out, nan=-np.inf)
     top = np.argsort(-score, kind="stable")[:min(top_k, len(rows))]
-    s_measure, k_measure = _loo_lira(phi, keep, measure_on, lira), keep[measure_on]
-    on_top = np.zeros(len(rows), bool)
-    on_top[top] = True
-
-    s_top, k_top = s_measure[:, on_top], k_measure[:, on_top]
+    s_all, k_all = _loo_lira(phi, keep, measure_on, lira), keep[measure_on]
+    s_measure, k_measure = s_all[:, :len(rows)], k_all[:, :len(rows)]
+    s_top, k_top = s_measure[:, top], k_measure[:, top]
+    s_can, k_can = s_all[:, len(rows):], k_all[:, len(rows):]
     pooled = {"top_in": s_top[k_top], "top_out": s_top[~k_top], "all_in": s_measure[k_measure],
-              "all_out": s_measure[~k_measure]}
+              "all_out": s_measure[~k_measure], "canary_in": s_can[k_can], "canary_out": s_can[~k_can]}
     return Vulnerability(pool.indices[rows], score, top, half, len(refs) - half, pooled)
 
 
@@ -186,7 +193,7 @@ class PrivacyFindings:
                       "estimates": {n: e.__dict__ for n, e in self.estimates.items()}}
         arrays = {}
         if (o := self.one_run) is not None:
-            meta["one_run"] = {k: getattr(o, k) for k in ("eps", "m", "r", "v", "delta", "beta", "attack")}
+            meta["one_run"] = {k: getattr(o, k) for k in ("eps", "m", "r", "v", "delta", "beta", "attack", "searched")}
             arrays.update({"or_rows": o.rows, "or_coins": o.coins, "or_scores": o.scores, "or_guesses": o.guesses})
         if (v := self.vulnerable) is not None:
             meta["vulnerable"] = {"models_ranked": v.models_ranked, "models_measured": v.models_measured}
@@ -204,24 +211,27 @@ class PrivacyFindings:
             one_run = OneRunBound(**meta["one_run"], rows=a["or_rows"], coins=a["or_coins"], scores=a["or_scores"],
                                   guesses=a["or_guesses"])
         if "vulnerable" in meta:
-            pooled = {k: a[k] for k in ("top_in", "top_out", "all_in", "all_out")}
+            pooled = {k: a[k] for k in a if k.endswith(("_in", "_out"))}
             vulnerable = Vulnerability(a["v_rows"], a["v_score"], a["v_top"], **meta["vulnerable"], pooled=pooled)
         return cls(meta["delta"], {n: EpsEstimate(**e) for n, e in meta["estimates"].items()}, meta["claimed_eps"],
                    one_run, vulnerable)
 
 
-def privacy_findings(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals, attacks: dict[str, AttackResult],
-                     coins: np.ndarray | None, canaries: np.ndarray | None) -> PrivacyFindings | None:
-    """Everything ``cfg.audit`` asks for about the target in ``pool``."""
+def privacy_findings(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals,
+                     attacks: dict[str, AttackResult]) -> PrivacyFindings | None:
+    """Everything ``cfg.audit`` asks for about the target in ``pool`` (the canaries' coins are read off the
+    target's keep-mask row: it trained on a canary iff its coin came up heads)."""
     a = cfg.audit
     dp_delta = getattr(target.defense, "delta", None) if target.defense.name == "dp_sgd" else None
     delta = a.delta or dp_delta or 1e-5
     knobs = cfg.attacks.knobs()
     estimates = eps_estimates(pool, attacks, list(attacks), knobs, delta=delta, alpha=a.alpha) if a.eps else {}
     one_run = None
-    if a.mode == "one_run" and canaries is not None and len(canaries):
-        one_run = one_run_bound(pool, coins, canaries, knobs, attack=a.attack, guesses=a.k(), delta=delta,
-                                beta=a.beta, seed=cfg.seed)
+    canary = np.flatnonzero(pool.role_mask("canaries"))
+    if a.mode == "one_run" and len(canary):
+        coins = np.where(pool.keep[pool.model("target"), canary], 1, -1)
+        one_run = one_run_bound(pool, coins, pool.indices[canary], knobs, attack=a.attack, ks=a.ks(),
+                                delta=delta, beta=a.beta, seed=cfg.seed)
     vulnerable = vulnerability(pool, top_k=a.vulnerable, lira=knobs.lira) if a.vulnerable else None
     claimed = pool.target_extra.get("dp_epsilon")
     if not estimates and one_run is None and vulnerable is None:

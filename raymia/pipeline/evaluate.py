@@ -23,6 +23,7 @@ from raymia.attacks.suite import (
 from raymia.config import AuditConfig, TargetConfig
 from raymia.data.splits import ROLES
 from raymia.metrics import AttackMetrics, accuracy, expected_calibration_error
+from raymia.pipeline.dp_audit import PrivacyFindings, privacy_findings
 from raymia.pipeline.plan import AuditPlan, TrainJob
 from raymia.signals import ModelSignals, PoolSignals
 
@@ -63,6 +64,7 @@ class TargetReport:
     extra: dict[str, float] = field(default_factory=dict)
     inference: dict | None = None  # the inference-time defense the outputs went through (e.g. DIFFENCE knobs)
     interval: tuple[float, float] | None = None  # DIFFENCE's calibrated interval, for a +diffence report
+    privacy: PrivacyFindings | None = None  # ε bounds and the most vulnerable samples (config ``audit``)
 
     @property
     def gap(self) -> float:
@@ -85,6 +87,8 @@ class TargetReport:
             "bal_acc_shadow": {n: a.bal_acc_shadow for n, a in self.attacks.items()},
             "chosen": {n: a.chosen for n, a in self.attacks.items()},
         }))
+        if self.privacy is not None:
+            self.privacy.save(folder / "privacy")
 
     @classmethod
     def load(cls, folder: str | Path) -> "TargetReport":
@@ -101,7 +105,8 @@ class TargetReport:
                    test_acc=meta["test_acc"], attacks=attacks, scores=scores,
                    reference_test_acc=meta["reference_test_acc"], pool=PoolSignals.from_parquet(folder / "pool.parquet"),
                    extra=meta["extra"], inference=meta.get("inference"),
-                   interval=tuple(meta["interval"]) if meta.get("interval") else None)
+                   interval=tuple(meta["interval"]) if meta.get("interval") else None,
+                   privacy=PrivacyFindings.load(folder / "privacy") if (folder / "privacy").is_dir() else None)
 
 
 def evaluate_pool(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals, *, inference: dict | None = None
@@ -134,4 +139,4 @@ def evaluate_pool(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals, *, 
                            **columns})
     return TargetReport(target=target, train_acc=acc["target_members"], test_acc=acc["test"], attacks=attacks,
                         scores=scores, reference_test_acc=float(np.mean(ref_acc)), pool=pool, extra=extra,
-                        inference=inference)
+                        inference=inference, privacy=privacy_findings(cfg, target, pool, attacks))

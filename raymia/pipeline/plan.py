@@ -118,11 +118,14 @@ class AuditPlan:
     jobs: list[TrainJob]
     scored_indices: np.ndarray  # sorted dataset rows every model is queried on
     views_id: str
+    canary_in: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # canaries whose coin
+    # came up heads: the target trains on them (one-run auditing, ``audit.canaries``)
 
     @property
     def target_rows(self) -> np.ndarray:
-        """What every target trains on: the members and the defender's known members."""
-        return np.union1d(self.split["target_members"], self.split["calibration_members"])
+        """What every target trains on: the members, the defender's known members and the canaries drawn IN."""
+        return np.union1d(np.union1d(self.split["target_members"], self.split["calibration_members"]),
+                          self.canary_in)
 
     def reference_rows(self, k: int) -> np.ndarray:
         """What reference model ``k`` trains on."""
@@ -131,7 +134,8 @@ class AuditPlan:
     def size_mismatch(self) -> str | None:
         """A sentence if some reference model's training set differs from the target's by more than one sample."""
         n, sizes = len(self.target_rows), [len(self.reference_rows(k)) for k in range(len(self.keep))]
-        if max(abs(s - n) for s in sizes) <= 1:
+        coin_slack = abs(len(self.canary_in) - len(self.split["canaries"]) / 2)  # the coins' deviation from m/2
+        if max(abs(s - n) for s in sizes) <= 1 + coin_slack:
             return None
         return (f"reference models train on {min(sizes)}-{max(sizes)} samples, the target on {n}: LiRA and RMIA "
                 "assume the target is distributed like a reference model; use reference.pkeep: auto")
@@ -162,22 +166,49 @@ def plan_audit(cfg: AuditConfig, dataset: Dataset) -> AuditPlan:
     if "hflip" in cfg.attacks.queries and not is_image(dataset.input_shape):
         raise UserError(f"hflip needs image inputs; {dataset.name} has feature vectors of shape "
                         f"{dataset.input_shape}; use [identity]", field="attacks.queries")
-    fp = dataset.fingerprint()
-    split = make_split_plan(len(dataset), cfg.split.fractions(), seed=cfg.seed, data_fingerprint=fp)
+    split = _split(cfg, dataset)
+    m = len(split["canaries"])
+    coins = np.random.default_rng([cfg.seed, 0xC0_1A]).random(m) < 0.5  # one fair coin per canary
+    if m and cfg.audit.canary_kind == "mislabelled":
+        dataset = mislabelled(dataset, split["canaries"], seed=cfg.seed)
     ref = cfg.reference
     pool_roles = ["target_members", "target_nonmembers"] + (["population"] if ref.pool != "audited" else [])
-    pool = np.sort(np.concatenate([split[r] for r in pool_roles]))
-    pkeep = len(split["target_members"]) / len(pool) if ref.pkeep == "auto" else ref.pkeep
+    pool = np.sort(np.concatenate([split[r] for r in pool_roles + ["canaries"]]))
+    # auto: reference models train on as many samples as the target expects to (members + half the canaries);
+    # never on the coins themselves, so the one-run bound's guesses are independent of them
+    pkeep = (len(split["target_members"]) + m / 2) / len(pool) if ref.pkeep == "auto" else ref.pkeep
     keep = reference_keep_mask(len(pool), ref.count, fraction=pkeep, seed=cfg.seed)
     views_id = views_fingerprint(list(cfg.attacks.queries), cfg.attacks.label_only)
-    plan = AuditPlan(cfg, dataset, split, pool, keep, [], split.used_indices(), views_id)
+    plan = AuditPlan(cfg, dataset, split, pool, keep, [], split.used_indices(), views_id, split["canaries"][coins])
     return dataclasses.replace(plan, jobs=[j for t in cfg.targets for j in jobs_for_target(plan, t)])
+
+
+def _split(cfg: AuditConfig, dataset: Dataset) -> SplitPlan:
+    """The seeded split, with ``audit.canaries`` rows carved out for one-run auditing."""
+    fractions = cfg.split.fractions()
+    m = cfg.audit.canaries if cfg.audit.mode == "one_run" else 0
+    fractions["canaries"] = (m + 0.5) / len(dataset) if m else 0.0
+    try:
+        split = make_split_plan(len(dataset), fractions, seed=cfg.seed, data_fingerprint=dataset.fingerprint())
+    except ValueError:
+        raise UserError(f"{m} canaries do not fit beside the split fractions in {len(dataset)} samples; lower "
+                        "audit.canaries or the split fractions", field="audit.canaries") from None
+    return split
+
+
+def mislabelled(dataset: Dataset, rows: np.ndarray, *, seed: int) -> Dataset:
+    """``dataset`` with each of ``rows`` relabelled to a different class drawn at random (seeded): the strong
+    canaries of one-run auditing and of Aerni et al.'s evaluation. Its fingerprint differs from the original's."""
+    y = dataset.y.copy()
+    shift = np.random.default_rng([seed, 0x1AB]).integers(1, dataset.num_classes, len(rows))
+    y[rows] = (y[rows] + shift) % dataset.num_classes
+    return dataclasses.replace(dataset, y=y, meta={**dataset.meta, "mislabelled_rows": len(rows)})
 
 
 def jobs_for_target(plan: AuditPlan, target: TargetConfig) -> list[TrainJob]:
     """The target's job (trained on the members and the defender's known members) and one job per reference model
     (its keep-mask row plus the known members)."""
-    cfg, split, fp = plan.config, plan.split, plan.split.data_fingerprint
+    cfg, split, fp = plan.config, plan.split, plan.dataset.fingerprint()  # relabelled canaries change it
     rows = DefenseRows(split["calibration"], split["defender_reference"])
     # seeds follow what is trained, not the configuration's name: a renamed configuration (e.g. "<name>+diffence")
     # maps to the same models in the cache
