@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient
 import raymia
 from raymia.config import RunConfig, TrackingConfig
 from raymia.errors import UserError
+from raymia.pipeline.dp_audit import overlap_at_k
 from raymia.report import close, roc_figure, roc_png, sample_grid, score_histograms
 
 # ------------------------------------------------------------------------------------------ artifact paths
@@ -281,7 +282,8 @@ SPREAD_SUFFIXES = (".auc", ".tpr_at_1pct_fpr", ".tpr_at_0.1pct_fpr")
 def seed_spread(reports: list[Any]) -> dict[str, tuple[float, float, int]]:
     """``{metric: (mean, sd, n)}`` over one configuration's reports under several seeds (sd with ddof 1)."""
     per_seed = [target_metrics(r) for r in reports]
-    keys = [k for k in per_seed[0] if k in ("test_acc", "gap") or (k.startswith("mia.") and k.endswith(SPREAD_SUFFIXES))]
+    keys = [k for k in per_seed[0] if k in ("test_acc", "gap", "dp.eps_estimate", "dp.eps_lower_bound")
+            or (k.startswith(("mia.", "vuln.")) and k.endswith(SPREAD_SUFFIXES))]
     out = {}
     for k in keys:
         v = np.array([m[k] for m in per_seed if k in m], dtype=np.float64)
@@ -370,9 +372,12 @@ class AuditRun:
         """A configuration audited under several seeds: ``<metric>.seeds_mean`` / ``.seeds_sd`` and ``seeds.n`` on
         its child run (whose own numbers are the first seed's), and one nested run per seed with its metrics."""
         spread = seed_spread(reports)
+        tops = [r.privacy.vulnerable.rows[r.privacy.vulnerable.top] for r in reports
+                if r.privacy is not None and r.privacy.vulnerable is not None]
+        overlap = {"vuln.overlap_at_k": overlap_at_k(tops)} if len(tops) == len(reports) else {}
         self._log(child_id, metrics={**{f"{k}.seeds_mean": m for k, (m, _, _) in spread.items()},
                                      **{f"{k}.seeds_sd": sd for k, (_, sd, _) in spread.items()},
-                                     "seeds.n": len(reports)}, params={"seeds": json.dumps(seeds)})
+                                     "seeds.n": len(reports), **overlap}, params={"seeds": json.dumps(seeds)})
         name = reports[0].target.name
         for seed, report in zip(seeds, reports):
             run = self.client.create_run(self.experiment_id, run_name=f"{name} [seed {seed}]",

@@ -160,3 +160,16 @@ def test_a_search_over_k_pays_for_itself(overfit):
                     eps_one_run(300, 2 * k, right, delta=o.delta, beta=0.05))
     assert searched.eps == pytest.approx(max(c for c, _ in per_k.values()), abs=1e-6)
     assert max(u for _, u in per_k.values()) > searched.eps  # the uncorrected maximum overstates the bound
+
+
+def test_the_most_vulnerable_set_is_compared_across_seeds(tmp_path):
+    raw = tiny_config(tmp_path)
+    raw["targets"] = raw["targets"][:1]
+    raw.update(reference={"count": 8}, seeds=[0, 1], audit={"vulnerable": 40}, attacks={"enabled": ["loss"]})
+    outcome = run_audit(parse_config(raw), local=True)
+    client = MlflowClient(outcome.tracking_uri)
+    exp = client.get_run(outcome.run_id).info.experiment_id
+    child = client.search_runs([exp], f"tags.mlflow.parentRunId = '{outcome.run_id}' and tags.`raymia.kind` = 'target'")[0]
+    m = child.data.metrics
+    assert 0 <= m["vuln.overlap_at_k"] <= 1 and m["seeds.n"] == 2
+    assert "vuln.top.tpr_at_1pct_fpr.seeds_sd" in m and "dp.eps_estimate.seeds_mean" in m
