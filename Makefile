@@ -7,6 +7,11 @@ CONFIG ?= configs/quickstart.yaml
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_DISABLE_TELEMETRY ?= true
+# glibc: keep freed memory in the process (torch's per-step buffers page-faulted in every step otherwise;
+# 10x on the NN attack on a 2-core VM): see raymia/allocator.py. The raymia command sets these itself.
+export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+export MALLOC_TOP_PAD_ ?= 268435456
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 

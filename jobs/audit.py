@@ -6,7 +6,9 @@ Inside a job ``RAY_ADDRESS`` is set, so the audit joins the cluster it was submi
 
 import sys
 
+from raymia.allocator import reexec_with_allocator_env
 from raymia.cli import main
 
 if __name__ == "__main__":
+    reexec_with_allocator_env()
     sys.exit(main(["audit", *sys.argv[1:]]))

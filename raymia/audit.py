@@ -10,6 +10,7 @@ finished audit from its stored outputs.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -34,6 +35,8 @@ from raymia.config import (
 from raymia.errors import UserError
 from raymia.frontier import Point, choose_champion, leakage_of, pareto_front
 from raymia.keys import content_key
+from raymia.pipeline.cost import Cost, Progress, describe_cost, estimate_seconds, plan_cost
+from raymia.pipeline.cost import calibrate as measure_rates
 from raymia.pipeline.diffence_audit import load_diffusion_model
 from raymia.pipeline.evaluate import TargetReport, evaluate_pool
 from raymia.pipeline.factory import Builders, load_trained
@@ -82,6 +85,7 @@ class ModelCounts:
     reused: int | None = None
     nodes: int = 0
     restored: int | None = None
+    train_flops: float | None = None  # counted training FLOPs of the models trained (raymia.pipeline.cost)
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class _Started:
     plan_params: dict[str, object]
     say: Echo
     targets: list[TargetConfig]  # the configurations to audit: ``targets``, or the sweep's, expanded
+    progress: Progress | None = None  # models done / total and an ETA, from the planned cost
 
     @property
     def device(self):  # noqa: ANN201 - a torch.device
@@ -192,10 +197,12 @@ def _start(cfg: AuditConfig, say: Echo, *, local: bool) -> Iterator[_Started]:
             if cfg.sweep is None else f"a sweep over {len(cfg.sweep.defenses)} defense entries "
             f"(objective: {cfg.sweep.objective}), 1 + {cfg.reference.count} models per configuration")
     where = "in this process (no Ray)" if local else "on Ray"
+    cost, runs = audit_cost(cfg, plan, targets), max(1, len(cfg.seeds))
     if (mismatch := plan.size_mismatch()) is not None:
         say(f"warning: {mismatch}")
     say(f"raymia {raymia.__version__}: audit '{cfg.name}' on {dataset.name} ({len(dataset)} samples, split "
         f"{plan.split.sizes()}); {what}; {where}; cache {cache.uri}; tracking {tracking_uri}")
+    say(f"plan: {describe_cost(cost)}")
     with audit_run(cfg, tracking_uri) as run:
         split_file = plan.split.to_parquet(output_dir / run.run_id / "split.parquet")
         run.log_files({SPLIT_FILE: split_file})
@@ -205,7 +212,10 @@ def _start(cfg: AuditConfig, say: Echo, *, local: bool) -> Iterator[_Started]:
                         "runner": "local" if local else "ray",
                         "targets": ",".join(t.name for t in cfg.targets), "reference.count": cfg.reference.count,
                         "cache": cache.uri, **{f"split.n_{role}": n for role, n in plan.split.sizes().items()}})
-        yield _Started(cfg, plan, cache, run, tracking_uri, output_dir, timings, builders, plan_params, say, targets)
+        run.log_metrics({"cost.models": cost.models, "cost.networks": cost.networks,
+                         "cost.train_flops": cost.train_flops, "cost.query_flops": cost.query_flops})
+        yield _Started(cfg, plan, cache, run, tracking_uri, output_dir, timings, builders, plan_params, say, targets,
+                       Progress(cost, runs))
 
 
 def _model_files(s: _Started, target: TargetConfig) -> dict[str, bytes]:
@@ -297,6 +307,7 @@ def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
             decision = _decide(s, reports, child_ids, rocs)
     run.log_metrics({**{f"time.{k}_s": v for k, v in s.timings.items()}, "models.trained": models.trained,
                      **({"models.reused": models.reused} if models.reused is not None else {}),
+                     **({"flops.trained": models.train_flops} if models.train_flops is not None else {}),
                      **({"configurations.restored": models.restored} if models.restored is not None else {}),
                      "configurations.failed": len(failed), "cluster.nodes_used": models.nodes})
     if failed:
@@ -316,21 +327,23 @@ def _plans(s: _Started) -> Iterator[AuditPlan]:
         yield plan_audit(s.cfg.model_copy(update={"seed": seed}), s.cfg.data.load())
 
 
-def _targets_once(s: _Started, plan: AuditPlan, *, local: bool, suffix: str) -> tuple[list[TargetReport], int, set]:
+def _targets_once(s: _Started, plan: AuditPlan, *, local: bool, suffix: str
+                  ) -> tuple[list[TargetReport], int, set, float]:
     """One seed of a targets audit: fan out on Ray (unless local), then the recipe per configuration."""
-    nodes, trained = set(), None
+    nodes, trained, flops = set(), None, 0.0
     if not local:
         from raymia.orchestration.fanout import fan_out_audit
         from raymia.orchestration.session import ray_session
 
         with ray_session(s.cfg, s.timings, s.say) as session:
             totals = fan_out_audit(plan, s.cache, session, experiment_name=f"{s.cfg.name}-{s.run.run_id}{suffix}",
-                                   builders=s.builders, timings=s.timings, echo=s.say)
-        nodes, trained = totals.nodes, totals.trained
+                                   builders=s.builders, timings=s.timings, echo=s.say, progress=s.progress)
+        nodes, trained, flops = totals.nodes, totals.trained, totals.train_flops
     audits, _ = audit_locally(plan, s.targets, s.cache, device=s.device, builders=s.builders, timings=s.timings,
-                              echo=s.say if local else lambda line: None)
+                              echo=s.say if local else lambda line: None, progress=s.progress if local else None)
     trained = sum(a.trained for a in audits) if trained is None else trained
-    return [r for a in audits for r in a.reports], trained, nodes
+    flops += sum(a.train_flops for a in audits)
+    return [r for a in audits for r in a.reports], trained, nodes, flops
 
 
 def audit_targets(cfg: AuditConfig, *, local: bool = False, echo: Echo | None = None) -> AuditOutcome:
@@ -339,14 +352,15 @@ def audit_targets(cfg: AuditConfig, *, local: bool = False, echo: Echo | None = 
     driver."""
     say = echo or _stderr
     with _start(cfg, say, local=local) as s:
-        runs, trained, nodes = [], 0, set()
+        runs, trained, nodes, flops = [], 0, set(), 0.0
         for i, plan in enumerate(_plans(s)):
             if i:
                 say(f"repeat {i + 1}/{len(cfg.seeds)}: seed {plan.config.seed}")
-            reports, n, where = _targets_once(s, plan, local=local, suffix=f"-seed{plan.config.seed}" if i else "")
+            reports, n, where, f = _targets_once(s, plan, local=local, suffix=f"-seed{plan.config.seed}" if i else "")
             runs.append(reports)
-            trained, nodes = trained + n, nodes | where
-        models = ModelCounts(trained=trained, reused=len(s.plan.jobs) * len(runs) - trained, nodes=len(nodes))
+            trained, nodes, flops = trained + n, nodes | where, flops + f
+        models = ModelCounts(trained=trained, reused=len(s.plan.jobs) * len(runs) - trained, nodes=len(nodes),
+                             train_flops=flops)
         return _finish(s, reports=runs[0], repeats=runs[1:], models=models)
 
 
@@ -373,16 +387,17 @@ def audit_sweep(cfg: AuditConfig, *, local: bool = False, echo: Echo | None = No
                 say(f"repeat {i + 1}/{len(cfg.seeds)}: seed {plan.config.seed}")
             if local:
                 audits, fails = audit_locally(plan, s.targets, s.cache, device=s.device, builders=s.builders,
-                                              timings=s.timings, echo=say)
+                                              timings=s.timings, echo=say, progress=s.progress)
                 runs.append([r for a in audits for r in a.reports])
-                outs.append(sum(a.trained for a in audits))
+                outs.append((sum(a.trained for a in audits), sum(a.train_flops for a in audits)))
             else:
                 out = _sweep_on_ray(s, plan, f"-seed{plan.config.seed}" if i else "")
                 runs.append(out.reports)
                 fails = out.failed
                 outs.append(out)
             failed += fails if i == 0 else []
-        models = (ModelCounts(trained=sum(outs)) if local else _sweep_counts(s, outs))
+        models = (ModelCounts(trained=sum(n for n, _ in outs), train_flops=sum(f for _, f in outs)) if local
+                  else _sweep_counts(s, outs))
         return _finish(s, reports=runs[0], repeats=runs[1:], failed=failed, models=models)
 
 
@@ -406,7 +421,43 @@ def _sweep_counts(s: _Started, outs: list) -> ModelCounts:
     finals = [f for out in outs for f in out.finals]
     mine = [f for f in finals if f.get("run_token") == s.run.run_id]  # not restored from an earlier driver
     return ModelCounts(trained=sum(int(f.get("trained", 0)) for f in mine),
-                       nodes=len({f["node"] for f in finals if "node" in f}), restored=len(finals) - len(mine))
+                       nodes=len({f["node"] for f in finals if "node" in f}), restored=len(finals) - len(mine),
+                       train_flops=sum(float(f.get("train_flops", 0.0)) for f in mine))
+
+
+def audit_cost(cfg: AuditConfig, plan: AuditPlan, targets: list[TargetConfig]) -> Cost:
+    """The planned work of every seed's plan (seeds differ in their canaries' coins, so in training sizes)."""
+    cost = plan_cost(plan, targets)
+    for seed in cfg.seeds[1:]:
+        cost = cost + plan_cost(plan_audit(cfg.model_copy(update={"seed": seed}), cfg.data.load()), targets)
+    return cost
+
+
+def validate_audit(cfg: AuditConfig, *, source: str, calibrate: bool = True) -> str:
+    """What ``raymia validate`` prints: the config is valid, its data loads and its plan builds; how many models
+    it trains and queries, their counted FLOPs and (``calibrate``) a wall-time estimate from a short timed
+    calibration on this machine."""
+    quiet_defaults()
+    dataset = cfg.data.load()
+    plan = plan_audit(cfg, dataset)
+    targets = list(cfg.targets) if cfg.sweep is None else sweep_targets(cfg, dataset)
+    runs = max(1, len(cfg.seeds))
+    cost = audit_cost(cfg, plan, targets)
+    seconds = None
+    if calibrate:
+        seconds = estimate_seconds(cost, measure_rates(plan, targets[0], device=resolve_device(cfg.compute.device)))
+    what = (f"{len(targets)} target configurations" if cfg.sweep is None
+            else f"a sweep of {len(targets)} configurations from {len(cfg.sweep.defenses)} defense entries")
+    lines = [f"{source}: OK ({what}, {cfg.reference.count} reference models each, {runs} seed(s); "
+             f"{dataset.name}: {len(dataset)} samples, split {plan.split.sizes()})",
+             f"attacks: {', '.join(cfg.attacks.enabled)}",
+             f"cost: {describe_cost(cost, seconds)}"]
+    if seconds is not None:
+        lines.append(f"  (calibrated on {targets[0].name}'s architecture; on a Ray cluster with C CPUs expect about "
+                     f"this x {os.cpu_count()} / C, plus a few seconds per Tune trial; cached models cost nothing)")
+    if (mismatch := plan.size_mismatch()) is not None:
+        lines.append(f"warning: {mismatch}")
+    return "\n".join(lines)
 
 
 def run_audit(cfg: AuditConfig, *, local: bool = False, echo: Echo | None = None) -> AuditOutcome:

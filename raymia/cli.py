@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raymia.allocator import reexec_with_allocator_env
 from raymia.errors import UserError
 from raymia.quiet import quiet_defaults
 
@@ -31,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("config", help="path of the YAML config, e.g. configs/quickstart.yaml")
         c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set reference.count=32 (repeatable)")
+        if name == "validate":
+            c.add_argument("--no-estimate", action="store_true",
+                           help="skip the short timed calibration behind the wall-time estimate")
         if name == "audit":
             c.add_argument("--local", action="store_true", help=LOCAL_HELP)
             c.add_argument("--repeat", type=int, default=None, metavar="N",
@@ -53,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console script: restart once with the allocator settings (raymia.allocator)
+        reexec_with_allocator_env()
     args = _parser().parse_args(argv)
     quiet_defaults()
     try:
@@ -80,10 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise UserError(f"--repeat {args.repeat}: give a number of seeds >= 1, e.g. --repeat 3")
                 cfg = cfg.model_copy(update={"seeds": list(range(cfg.seed, cfg.seed + args.repeat))})
             if args.command == "validate":
-                what = (f"{len(cfg.targets)} targets" if cfg.sweep is None
-                        else f"a sweep over {len(cfg.sweep.defenses)} defense entries")
-                print(f"{args.config}: OK ({what}, {cfg.reference.count} reference models each, "
-                      f"attacks {', '.join(cfg.attacks.enabled)})")
+                from raymia.audit import validate_audit
+
+                print(validate_audit(cfg, source=args.config, calibrate=not args.no_estimate))
                 return 0
             from raymia.audit import run_audit
 

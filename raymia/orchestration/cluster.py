@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import ray
 
+from raymia.allocator import allocator_env
 from raymia.config import ComputeConfig, RayConfig
 from raymia.errors import UserError
 
@@ -34,10 +35,12 @@ def connect_ray(cfg: RayConfig) -> ClusterInfo:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or cfg.address
         kwargs = dict(log_to_driver=False, logging_level="warning")
-        if address:
+        if address:  # a joined cluster keeps its own (and a job's) runtime env: see docs/cluster.md
             ray.init(address=address, **kwargs)
-        else:
-            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+        else:  # workers of the instance started here get the allocator settings (raymia.allocator)
+            env = allocator_env()
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
+                     runtime_env={"env_vars": env} if env else None, **kwargs)
         started = True
     res = ray.cluster_resources()
     return ClusterInfo(address=ray.get_runtime_context().gcs_address, started_here=started,

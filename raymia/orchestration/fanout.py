@@ -36,6 +36,7 @@ from raymia.pipeline.diffence_audit import (
     produce_diffence_signals,
 )
 from raymia.pipeline.diffusion_track import DiffusionPlan, train_job
+from raymia.pipeline.cost import Progress
 from raymia.pipeline.factory import Builders, load_signals, produce_signals
 from raymia.pipeline.plan import AuditPlan, TrainJob, jobs_for_target
 from raymia.pipeline.recipe import phase
@@ -116,11 +117,12 @@ class FanOutTotals:
     trained: int = 0
     nodes: set[str] = field(default_factory=set)
     trials: int = 0
+    train_flops: float = 0.0
 
 
 def run_tasks(tasks: dict[str, Task], resources: dict[str, float], *, storage_path: str, experiment_name: str,
               max_concurrent: int | None = None, reuse_actors: bool = True,
-              echo: Callable[[str], None] = _stderr) -> dict[str, dict[str, Any]]:
+              echo: Callable[[str], None] = _stderr, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Run independent closures as Tune trials of one experiment (FIFO, trial processes reused) and return each
     one's reported metrics by name. Each closure stores what it computes in the shared cache and returns a small
     dict of numbers (with ``line``: what to print when it is done)."""
@@ -130,6 +132,9 @@ def run_tasks(tasks: dict[str, Task], resources: dict[str, float], *, storage_pa
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             done["n"] += 1
             what = result.get("line", "done")
+            if progress is not None:
+                flops = float(result.get("train_flops", 0.0))
+                what += f"; {progress.advance(int(result.get('models', 0)), flops, flops)}"
             echo(f"[{done['n']:>{len(str(len(tasks)))}}/{len(tasks)}] {result['task']:<24} {what}  "
                  f"{result['seconds']:.1f} s")
 
@@ -152,7 +157,8 @@ def _classifier_task(jobs: list[TrainJob], plan: AuditPlan, cache: ModelCache, b
         stats = produce_signals(jobs, plan, cache, reuse=reuse, device=resolve_device(plan.config.compute.device),
                                 builders=builders)
         reused = stats.reused_models + stats.reused_signals
-        return {"trained": len(stats.trained), "line": f"{len(jobs)} models ({len(stats.trained)} trained, "
+        return {"trained": len(stats.trained), "train_flops": stats.train_flops, "models": len(jobs),
+                "line": f"{len(jobs)} models ({len(stats.trained)} trained, "
                 f"{stats.vmapped} vmapped, {reused} reused)"}
     return task
 
@@ -175,7 +181,12 @@ def produce_on_ray(plan: AuditPlan, jobs: Sequence[TrainJob], cache: ModelCache,
     tasks = classifier_tasks(plan, jobs, cache, cluster, resources, builders=builders, reuse=reuse)
     done = run_tasks(tasks, resources, storage_path=storage_path(plan.config), experiment_name=experiment_name,
                      max_concurrent=plan.config.compute.max_concurrent_trials, reuse_actors=reuse_actors, echo=echo)
-    return FanOutTotals(sum(int(m["trained"]) for m in done.values()), {m["node"] for m in done.values()}, len(done))
+    return _totals(done)
+
+
+def _totals(done: dict[str, dict[str, Any]]) -> FanOutTotals:
+    return FanOutTotals(sum(int(m["trained"]) for m in done.values()), {m["node"] for m in done.values()}, len(done),
+                        sum(float(m.get("train_flops", 0.0)) for m in done.values()))
 
 
 def _diffusion_task(plan: AuditPlan, cache: ModelCache) -> Task:
@@ -201,8 +212,8 @@ def diffusion_model_on_ray(plan: AuditPlan, cache: ModelCache, session: RaySessi
 
 
 def fan_out_audit(plan: AuditPlan, cache: ModelCache, session: RaySession, *, experiment_name: str,
-                  builders: Builders, timings: dict[str, float], echo: Callable[[str], None] = _stderr
-                  ) -> FanOutTotals:
+                  builders: Builders, timings: dict[str, float], echo: Callable[[str], None] = _stderr,
+                  progress: Progress | None = None) -> FanOutTotals:
     """Put every model a targets audit needs into the cache, in parallel on the cluster and in at most two Tune
     experiments: the classifiers together with DIFFENCE's diffusion model (they do not depend on each other),
     then every model's outputs through DIFFENCE. Starts Ray only for what the cache lacks."""
@@ -220,9 +231,8 @@ def fan_out_audit(plan: AuditPlan, cache: ModelCache, session: RaySession, *, ex
             tasks["diffusion-model"] = _diffusion_task(plan, cache)
         with phase(timings, "training"):
             done = run_tasks(tasks, resources, storage_path=storage_path(cfg), experiment_name=experiment_name,
-                             max_concurrent=cfg.compute.max_concurrent_trials, echo=echo)
-        totals = FanOutTotals(sum(int(m["trained"]) for m in done.values()), {m["node"] for m in done.values()},
-                              len(done))
+                             max_concurrent=cfg.compute.max_concurrent_trials, echo=echo, progress=progress)
+        totals = _totals(done)
         _, still = load_signals(plan.jobs, plan, cache)
         if still:
             raise RuntimeError(f"{len(still)} models have no outputs in the cache after training, e.g. "

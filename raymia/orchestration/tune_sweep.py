@@ -46,7 +46,8 @@ def _audit_trial(config: dict[str, Any], *, plan: AuditPlan, targets: dict[str, 
         for i, report in enumerate(audit.reports):
             report.save(f"{d}/{i}")
         tune.report({"target": target.name, "test_acc": audit.reports[0].test_acc, "best_attack": best.name,
-                     "mia.best.auc": best.metrics.auc, "trained": audit.trained, "node": node_id(),
+                     "mia.best.auc": best.metrics.auc, "trained": audit.trained,
+                     "train_flops": audit.train_flops, "node": node_id(),
                      "run_token": token}, checkpoint=tune.Checkpoint.from_directory(d))
 
 

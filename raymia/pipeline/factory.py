@@ -22,6 +22,7 @@ from torch import nn
 from raymia.cache import ModelCache
 from raymia.data.datasets import Dataset
 from raymia.defenses import DefenseContext, make_defense
+from raymia.pipeline.cost import forward_macs, job_flops
 from raymia.pipeline.plan import AuditPlan, TrainJob
 from raymia.signals import ModelSignals, compute_signals
 from raymia.training.ensemble import train_many
@@ -39,6 +40,7 @@ class FactoryStats:
     reused_models: int = 0
     reused_signals: int = 0
     seconds: float = 0.0
+    train_flops: float = 0.0  # counted training FLOPs of the models trained (raymia.pipeline.cost)
 
 
 def train_models(jobs: Sequence[TrainJob], dataset: Dataset, *, strategy: Strategy = "auto",
@@ -125,9 +127,13 @@ def produce_signals(jobs: Sequence[TrainJob], plan: AuditPlan, cache: ModelCache
         stats.reused_models += 1
     trained, stats.vmapped, trained_extras = train_models(to_train, dataset, strategy=cfg.reference.strategy,
                                                           device=device, builders=builders)
+    macs: dict[str, int] = {}
     for job in to_train:
         cache.save_model(job.key, trained[job.job_id].state_dict(), trained_extras[job.job_id])
         stats.trained.append(job.job_id)
+        if job.target.name not in macs:
+            macs[job.target.name] = forward_macs(trained[job.job_id], dataset.input_shape)
+        stats.train_flops += job_flops(job, plan, macs[job.target.name])[1]
     models.update(trained)
     extras.update(trained_extras)
     outputs = compute_signals([models[j.job_id] for j in need_outputs], dataset.x[plan.scored_indices],

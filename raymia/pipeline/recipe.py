@@ -28,6 +28,7 @@ from raymia.pipeline.diffence_audit import (
     ensure_diffusion_model,
     produce_diffence_signals,
 )
+from raymia.pipeline.cost import Progress
 from raymia.pipeline.evaluate import TargetReport, assemble_pool, evaluate_pool
 from raymia.pipeline.factory import (
     Builders,
@@ -58,6 +59,7 @@ class ConfigurationAudit:
     reports: list[TargetReport]
     trained: int
     reused: int
+    train_flops: float = 0.0  # counted training FLOPs of the models trained here
 
 
 def audit_configuration(plan: AuditPlan, target: TargetConfig, cache: ModelCache, *,
@@ -86,7 +88,7 @@ def audit_configuration(plan: AuditPlan, target: TargetConfig, cache: ModelCache
         with phase(timings, "attacks"):
             reports.append(diffence_report(plan, target, interval, cache))
     return ConfigurationAudit(reports, trained=len(stats.trained),
-                              reused=stats.reused_models + stats.reused_signals)
+                              reused=stats.reused_models + stats.reused_signals, train_flops=stats.train_flops)
 
 
 @dataclass(frozen=True)
@@ -128,10 +130,11 @@ def utility_configuration(plan: AuditPlan, target: TargetConfig, *, device: torc
 def audit_locally(plan: AuditPlan, targets: list[TargetConfig], cache: ModelCache, *,
                   device: torch.device | str = "cpu", builders: Builders | None = None,
                   timings: dict[str, float] | None = None,
-                  echo: Callable[[str], None] = lambda line: None
+                  echo: Callable[[str], None] = lambda line: None, progress: Progress | None = None
                   ) -> tuple[list[ConfigurationAudit], list[tuple[str, str]]]:
     """Audit every configuration in this process, one after another. Returns the audits and, for each
-    configuration that raised (a sweep keeps going), its name and error."""
+    configuration that raised (a sweep keeps going), its name and error. ``progress`` adds models done / total
+    and an ETA to each line."""
     done, failed = [], []
     for i, target in enumerate(targets):
         try:
@@ -143,6 +146,9 @@ def audit_locally(plan: AuditPlan, targets: list[TargetConfig], cache: ModelCach
             echo(f"[{i + 1}/{len(targets)}] {target.name}: FAILED {failed[-1][1].splitlines()[0]}")
             continue
         best = done[-1].reports[0].best_attack()
+        counted = done[-1].trained + done[-1].reused
+        planned = progress.cost.by_target.get(target.name, 0.0) / progress.runs if progress else 0.0
+        where = f"; {progress.advance(counted, planned, done[-1].train_flops)}" if progress else ""
         echo(f"[{i + 1}/{len(targets)}] {target.name}: test acc {done[-1].reports[0].test_acc:.3f}, best attack "
-             f"{best.name} AUC {best.metrics.auc:.3f} ({done[-1].trained} models trained)")
+             f"{best.name} AUC {best.metrics.auc:.3f} ({done[-1].trained} models trained{where})")
     return done, failed
