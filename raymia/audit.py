@@ -47,7 +47,7 @@ from raymia.pipeline.recipe import (
     utility_configuration,
 )
 from raymia.quiet import quiet_defaults
-from raymia.registry import model_artifacts, unet_artifacts
+from raymia.registry import ModelPackage, model_package, unet_artifacts
 from raymia.report import figure_png, frontier_figure, html_report, roc_png, summary_table
 from raymia.signals import PoolSignals
 from raymia.tracking import (
@@ -56,11 +56,13 @@ from raymia.tracking import (
     SPLIT_FILE,
     TARGET_FILE,
     AuditRun,
+    audit_note,
     audit_run,
     flat_params,
     open_run,
     resolve_tracking_uri,
     seed_spread,
+    split_datasets,
     target_params,
 )
 from raymia.training.device import resolve_device
@@ -157,6 +159,7 @@ class _Started:
     plan_params: dict[str, object]
     say: Echo
     targets: list[TargetConfig]  # the configurations to audit: ``targets``, or the sweep's, expanded
+    datasets: list  # the MLflow dataset inputs every target run records (tracking.split_datasets)
 
     @property
     def device(self):  # noqa: ANN201 - a torch.device
@@ -200,15 +203,22 @@ def _start(cfg: AuditConfig, say: Echo, *, local: bool) -> Iterator[_Started]:
                         "runner": "local" if local else "ray",
                         "targets": ",".join(t.name for t in cfg.targets), "reference.count": cfg.reference.count,
                         "cache": cache.uri, **{f"split.n_{role}": n for role, n in plan.split.sizes().items()}})
-        yield _Started(cfg, plan, cache, run, tracking_uri, output_dir, timings, builders, plan_params, say, targets)
+        datasets = split_datasets(dataset.name, plan_params["split_hash"], plan.split.sizes(), dataset.input_shape,
+                                  run.artifact_uri(SPLIT_FILE))
+        yield _Started(cfg, plan, cache, run, tracking_uri, output_dir, timings, builders, plan_params, say, targets,
+                       datasets)
 
 
-def _model_files(s: _Started, target: TargetConfig) -> dict[str, bytes]:
-    """The target's weights and architecture spec, in the registry's format."""
-    job = jobs_for_target(s.plan, target)[0]
+def _model(s: _Started, report: TargetReport, unet) -> ModelPackage | None:  # noqa: ANN001 - a UNet or None
+    """The configuration's MLflow model: the target's weights and spec and, for a ``+diffence`` report, the
+    diffusion model with DIFFENCE's knobs and the interval it was audited with. Example inputs: test samples."""
+    job = jobs_for_target(s.plan, report.target)[0]
     loaded = load_trained(job, s.plan.dataset, s.cache, s.builders)
-    return model_artifacts(job.spec, s.plan.dataset.input_shape, s.plan.dataset.num_classes,
-                           loaded[0].state_dict() if loaded else None)
+    behind = (report.inference or {}).get("name") == "diffence" and unet is not None
+    d = s.cfg.diffence
+    return model_package(job.spec, s.plan.dataset.input_shape, s.plan.dataset.num_classes,
+                         loaded[0].state_dict() if loaded else None, s.plan.dataset.x[s.plan.split["test"][:2]],
+                         diffence=(unet, d, d.model, report.interval) if behind else None)
 
 
 def _decide(s: _Started, reports: list[TargetReport], child_ids: dict[str, str], rocs: dict[str, bytes]) -> Decision:
@@ -250,7 +260,8 @@ def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
     for again in repeats or []:
         for r in again:
             by_seed.setdefault(r.target.name, []).append(r)
-    if cfg.diffence is not None and (unet := load_diffusion_model(s.plan, s.cache)) is not None:
+    unet = load_diffusion_model(s.plan, s.cache) if cfg.diffence is not None else None
+    if unet is not None:
         run.log_files(unet_artifacts(unet))
         run.log_params(flat_params("diffence", cfg.diffence.model_dump(mode="json", exclude={"train", "model"})))
     child_ids: dict[str, str] = {}
@@ -259,7 +270,7 @@ def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
         for report in reports:
             name = report.target.name
             child_ids[name] = run.log_target(report, params=target_params(cfg, report, s.plan_params),
-                                             model_files=_model_files(s, report.target), roc=rocs[name])
+                                             model=_model(s, report, unet), datasets=s.datasets, roc=rocs[name])
             if len(by_seed[name]) > 1:
                 run.log_repeats(child_ids[name], by_seed[name], cfg.seeds)
         for result in utility:
@@ -270,6 +281,12 @@ def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
     if reports:
         with phase(s.timings, "decision"):
             decision = _decide(s, reports, child_ids, rocs)
+    rows = [{"configuration": p.name, "test_acc": p.test_acc, "leakage": p.leakage, "on_front": p in decision.front}
+            for p in decision.points] if decision else []
+    champ = (f"{decision.champion[0].name} ({decision.champion[1]}), registered as "
+             f"`models:/{cfg.champion.registry_name}@champion`" if decision and decision.champion else None)
+    run.describe(audit_note(cfg.name, s.plan.dataset.name, s.plan.split.sizes(), cfg.reference.count,
+                            list(cfg.attacks.enabled), rows, champ))
     run.log_metrics({**{f"time.{k}_s": v for k, v in s.timings.items()}, "models.trained": models.trained,
                      **({"models.reused": models.reused} if models.reused is not None else {}),
                      **({"configurations.restored": models.restored} if models.restored is not None else {}),
@@ -419,7 +436,8 @@ def rescore_run(run_id: str, overrides: list[str] | None = None, *, tracking_uri
                 for report, child in zip(reports, children):
                     params = {k: v for k, v in child.data.params.items()
                               if not k.startswith("attacks") and k != "attacker"}
-                    run.log_target(report, params={**target_params(cfg, report, params), **params}, model_files={})
+                    run.log_target(report, params={**target_params(cfg, report, params), **params}, model=None,
+                                   datasets=child.inputs.dataset_inputs)
             run.log_metrics({f"time.{k}_s": v for k, v in timings.items()})
     return AuditOutcome(run_id=run.run_id, tracking_uri=uri, reports=reports, timings=timings,
                         models=ModelCounts(trained=0, reused=0))
