@@ -69,7 +69,8 @@ def test_no_logged_model_holds_a_pickle_and_each_is_code_plus_safetensors(browsa
             local = Path(mlflow.artifacts.download_artifacts(f"models:/{lm.model_id}", dst_path=str(tmp_path / lm.model_id)))
         assert _pickles(local) == [], lm.model_id
         flavor = (local / "MLmodel").read_text()
-        assert "python_model: pyfunc_model.py" in flavor and "cloudpickle" not in flavor
+        assert "loader_module: mlflow.pyfunc.loaders.code_model" in flavor and "python_model:" not in flavor
+        assert (local / "pyfunc_model.py").exists()  # the model's code travels with it
         assert list(local.rglob("*.safetensors"))
 
 
