@@ -15,9 +15,9 @@ export MALLOC_TOP_PAD_ ?= 268435456
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install run test test-all bench ui clean data
+.PHONY: install run test test-all bench ui clean data browser
 
-install: $(STAMP) data
+install: $(STAMP) data browser
 
 data:                   ## Fashion-MNIST from Debian's package (offline), when missing and we are root
 	@if [ ! -f $(FMNIST) ]; then \
@@ -29,6 +29,18 @@ data:                   ## Fashion-MNIST from Debian's package (offline), when m
 	  else \
 	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or set" \
 	         "data.data_root to a folder with its four .gz files"; \
+	  fi; \
+	fi
+
+browser:                ## Debian's headless chromium for the browser tests (Playwright drives it; nothing downloaded)
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium (browser tests)"; \
+	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+	      echo "could not install chromium; the browser tests will be skipped and say why"; \
+	  else \
+	    echo "chromium is missing: run 'sudo apt-get install chromium' for the browser tests (they skip without it)"; \
 	  fi; \
 	fi
 
@@ -50,8 +62,10 @@ test-all: install       ## every test, the long end-to-end runs included (cluste
 bench: install          ## time the quickstart by phase
 	$(PY) benchmarks/quickstart.py
 
-ui: install             ## browse results: http://127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+ui: install             ## browse results: http://127.0.0.1:5000 (runs table: see docs/mlflow.md)
+	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --host 127.0.0.1 --port 5000 --workers 1
 
 clean:                  ## remove results (not the venv)
 	rm -rf mlflow.db mlartifacts runs

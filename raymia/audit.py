@@ -54,7 +54,7 @@ from raymia.pipeline.recipe import (
     utility_configuration,
 )
 from raymia.quiet import quiet_defaults
-from raymia.registry import model_artifacts, unet_artifacts
+from raymia.registry import ModelPackage, model_package, unet_artifacts
 from raymia.report import (close, figure_png, frontier_figure, html_report, privacy_summary, roc_png, summary_table,
                            vulnerable_figure)
 from raymia.signals import PoolSignals
@@ -64,11 +64,13 @@ from raymia.tracking import (
     SPLIT_FILE,
     TARGET_FILE,
     AuditRun,
+    audit_note,
     audit_run,
     flat_params,
     open_run,
     resolve_tracking_uri,
     seed_spread,
+    split_datasets,
     target_params,
 )
 from raymia.training.device import resolve_device
@@ -166,6 +168,7 @@ class _Started:
     plan_params: dict[str, object]
     say: Echo
     targets: list[TargetConfig]  # the configurations to audit: ``targets``, or the sweep's, expanded
+    datasets: list  # the MLflow dataset inputs every target run records (tracking.split_datasets)
     progress: Progress | None = None  # models done / total and an ETA, from the planned cost
 
     @property
@@ -214,16 +217,22 @@ def _start(cfg: AuditConfig, say: Echo, *, local: bool) -> Iterator[_Started]:
                         "cache": cache.uri, **{f"split.n_{role}": n for role, n in plan.split.sizes().items()}})
         run.log_metrics({"cost.models": cost.models, "cost.networks": cost.networks,
                          "cost.train_flops": cost.train_flops, "cost.query_flops": cost.query_flops})
+        datasets = split_datasets(dataset.name, plan_params["split_hash"], plan.split.sizes(), dataset.input_shape,
+                                  run.artifact_uri(SPLIT_FILE))
         yield _Started(cfg, plan, cache, run, tracking_uri, output_dir, timings, builders, plan_params, say, targets,
-                       Progress(cost, runs))
+                       datasets, Progress(cost, runs))
 
 
-def _model_files(s: _Started, target: TargetConfig) -> dict[str, bytes]:
-    """The target's weights and architecture spec, in the registry's format."""
-    job = jobs_for_target(s.plan, target)[0]
+def _model(s: _Started, report: TargetReport, unet) -> ModelPackage | None:  # noqa: ANN001 - a UNet or None
+    """The configuration's MLflow model: the target's weights and spec and, for a ``+diffence`` report, the
+    diffusion model with DIFFENCE's knobs and the interval it was audited with. Example inputs: test samples."""
+    job = jobs_for_target(s.plan, report.target)[0]
     loaded = load_trained(job, s.plan.dataset, s.cache, s.builders)
-    return model_artifacts(job.spec, s.plan.dataset.input_shape, s.plan.dataset.num_classes,
-                           loaded[0].state_dict() if loaded else None)
+    behind = (report.inference or {}).get("name") == "diffence" and unet is not None
+    d = s.cfg.diffence
+    return model_package(job.spec, s.plan.dataset.input_shape, s.plan.dataset.num_classes,
+                         loaded[0].state_dict() if loaded else None, s.plan.dataset.x[s.plan.split["test"][:2]],
+                         diffence=(unet, d, d.model, report.interval) if behind else None)
 
 
 def _vulnerable_pngs(dataset: Dataset, reports: list[TargetReport]) -> dict[str, bytes]:
@@ -283,7 +292,8 @@ def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
     for again in repeats or []:
         for r in again:
             by_seed.setdefault(r.target.name, []).append(r)
-    if cfg.diffence is not None and (unet := load_diffusion_model(s.plan, s.cache)) is not None:
+    unet = load_diffusion_model(s.plan, s.cache) if cfg.diffence is not None else None
+    if unet is not None:
         run.log_files(unet_artifacts(unet))
         run.log_params(flat_params("diffence", cfg.diffence.model_dump(mode="json", exclude={"train", "model"})))
     child_ids: dict[str, str] = {}
@@ -293,7 +303,7 @@ def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
         for report in reports:
             name = report.target.name
             child_ids[name] = run.log_target(report, params=target_params(cfg, report, s.plan_params),
-                                             model_files=_model_files(s, report.target), roc=rocs[name],
+                                             model=_model(s, report, unet), datasets=s.datasets, roc=rocs[name],
                                              vulnerable_png=vulnerable.get(name))
             if len(by_seed[name]) > 1:
                 run.log_repeats(child_ids[name], by_seed[name], cfg.seeds)
@@ -305,6 +315,12 @@ def _finish(s: _Started, *, reports: list[TargetReport], models: ModelCounts,
     if reports:
         with phase(s.timings, "decision"):
             decision = _decide(s, reports, child_ids, rocs)
+    rows = [{"configuration": p.name, "test_acc": p.test_acc, "leakage": p.leakage, "on_front": p in decision.front}
+            for p in decision.points] if decision else []
+    champ = (f"{decision.champion[0].name} ({decision.champion[1]}), registered as "
+             f"`models:/{cfg.champion.registry_name}@champion`" if decision and decision.champion else None)
+    run.describe(audit_note(cfg.name, s.plan.dataset.name, s.plan.split.sizes(), cfg.reference.count,
+                            list(cfg.attacks.enabled), rows, champ))
     run.log_metrics({**{f"time.{k}_s": v for k, v in s.timings.items()}, "models.trained": models.trained,
                      **({"models.reused": models.reused} if models.reused is not None else {}),
                      **({"flops.trained": models.train_flops} if models.train_flops is not None else {}),
@@ -496,7 +512,8 @@ def rescore_run(run_id: str, overrides: list[str] | None = None, *, tracking_uri
                 for report, child in zip(reports, children):
                     params = {k: v for k, v in child.data.params.items()
                               if not k.startswith("attacks") and k != "attacker"}
-                    run.log_target(report, params={**target_params(cfg, report, params), **params}, model_files={})
+                    run.log_target(report, params={**target_params(cfg, report, params), **params}, model=None,
+                                   datasets=child.inputs.dataset_inputs)
             run.log_metrics({f"time.{k}_s": v for k, v in timings.items()})
     return AuditOutcome(run_id=run.run_id, tracking_uri=uri, reports=reports, timings=timings,
                         models=ModelCounts(trained=0, reused=0))

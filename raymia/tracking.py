@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from mlflow.entities import Metric, Param, RunTag
+import mlflow
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 import raymia
@@ -52,13 +53,24 @@ SCORES_FILE = "scores/per_sample.parquet"      # child: one row per audited samp
 SIGNALS_FILE = "signals/pool.parquet"          # child: every model's outputs and the keep-mask
 PROTOCOL_FILE = "protocol.json"                # child: where each number's threshold comes from
 TARGET_FILE = "target.json"                    # child: the target configuration
-MODEL_DIR = "model"                            # child: the model (format: raymia.registry)
+MODEL_DIR = "model"                            # child: its MLflow model's name (format: raymia.registry)
 PRIVACY_FILE = "privacy/findings.json"         # child: ε bounds with their counts, thresholds and δ
 VULNERABLE_FILE = "privacy/per_sample.parquet"  # child: per-sample vulnerability, rank, canary coins and guesses
 VULNERABLE_PLOT = "plots/vulnerable.png"       # child: the most vulnerable images
 SYSTEM_ROC_PLOT = "plots/roc.png"              # diffusion-track child
 SAMPLES_PLOT = "plots/samples.png"             # diffusion-track child
 GRID_FILE = "grid.json"                        # diffusion-track child: AUC per timestep
+
+#: The file MLflow runs to load a raymia model (models from code), and the MLmodel metadata key naming the format.
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_FORMAT_KEY = "raymia_format"
+
+#: Tells the MLflow UI that an experiment is model training (it opens on the runs table, not GenAI traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+#: Split roles logged as each target run's MLflow dataset inputs, with their ``mlflow.data.context``.
+DATASET_CONTEXTS = {"target_members": "members", "target_nonmembers": "non-members", "population": "population"}
+DIGEST_CHARS = 32  # MLflow stores dataset digests of at most 36 characters: the split hash's first 128 bits
 
 #: Metric names of the DIFFENCE interval a ``+diffence`` child run records (read back by the registry).
 INTERVAL_METRICS = ("diffence.interval_low", "diffence.interval_high")
@@ -291,15 +303,91 @@ def seed_spread(reports: list[Any]) -> dict[str, tuple[float, float, int]]:
     return out
 
 
+@contextmanager
+def mlflow_store(uri: str | None) -> Iterator[None]:
+    """Point MLflow's fluent API and registry at ``uri`` for the block (``None``: leave them), then restore them.
+
+    The fluent calls that exist only in that form (``mlflow.pyfunc.log_model`` / ``load_model``,
+    ``mlflow.register_model``) thus use the audit's store, never a global default."""
+    if uri is None:
+        yield
+        return
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
+             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved[0], saved[1]
+        for k, v in saved[2].items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def split_datasets(dataset: str, split_hash: str, sizes: dict[str, int], input_shape: tuple[int, ...],
+                   source_uri: str) -> list[DatasetInput]:
+    """The MLflow dataset inputs of a target run: one per role of :data:`DATASET_CONTEXTS`, named
+    ``<dataset>.<role>``, digest = the split hash (its first :data:`DIGEST_CHARS` characters), source = the
+    parent's split file, context ``members`` / ``non-members`` / ``population``."""
+    from mlflow.types import Schema, TensorSpec
+
+    schema = json.dumps({"mlflow_tensorspec": {
+        "features": Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape), "x")]).to_json(),
+        "targets": Schema([TensorSpec(np.dtype(np.int64), (-1,), "y")]).to_json()}})
+    scheme = source_uri.split(":", 1)[0] if "://" in source_uri else "local"
+    out = []
+    for role, context in DATASET_CONTEXTS.items():
+        ds = Dataset(name=f"{dataset}.{role}", digest=split_hash[:DIGEST_CHARS],
+                     source_type="local" if scheme == "file" else scheme,
+                     source=json.dumps({"uri": source_uri, "role": role}), schema=schema,
+                     profile=json.dumps({"num_rows": sizes.get(role, 0), "split_hash": split_hash}))
+        out.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)]))
+    return out
+
+
+def audit_note(name: str, dataset: str, sizes: dict[str, int], references: int, attacks: list[str],
+               rows: list[dict[str, Any]], champion: str | None) -> str:
+    """The parent run's description: what was audited, how to read its child runs, the results in one table."""
+    lines = [f"**raymia audit `{name}`** on `{dataset}`: {sizes.get('target_members', 0)} members, "
+             f"{sizes.get('target_nonmembers', 0)} non-members, {sizes.get('population', 0)} population samples; "
+             f"each configuration is attacked by {len(attacks)} membership-inference attacks with {references} "
+             "reference models trained with its exact recipe.",
+             "",
+             "Each child run is one configuration (`+diffence`: the same classifier deployed behind DIFFENCE) with "
+             "its MLflow model (Models column), its dataset inputs (members / non-members / population, digest = "
+             "split hash) and every metric. Read **test_acc** and **gap** (train - test) as utility, "
+             "**mia.best.auc** (0.5 = chance) and **mia.best.tpr_at_0.1pct_fpr** (members found while accusing "
+             "0.1 % of non-members) as leakage; `plots/roc_loglog.png` shows every attack's ROC. This run's "
+             "`report.html` has the frontier and the protocol behind each number."]
+    if rows:
+        lines += ["", "| configuration | test acc | leakage | on front |", "|---|---|---|---|"]
+        lines += [f"| {r['configuration']} | {r['test_acc']:.3f} | {r['leakage']:.3f} | {'yes' if r['on_front'] else ''} |"
+                  for r in rows]
+    if champion:
+        lines += ["", f"Champion: {champion}"]
+    return "\n".join(lines)
+
+
 class AuditRun:
     """The parent MLflow run of one audit, with helpers that log its children and artifacts."""
 
-    def __init__(self, client: MlflowClient, experiment_id: str, run_id: str):
+    def __init__(self, client: MlflowClient, experiment_id: str, run_id: str, tracking_uri: str):
         self.client, self.experiment_id, self.run_id = client, experiment_id, run_id
+        self.tracking_uri = tracking_uri
+
+    def artifact_uri(self, path: str) -> str:
+        """The full URI of one of the parent's artifacts (e.g. :data:`SPLIT_FILE`)."""
+        return f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/{path}"
 
     def _log(self, run_id: str, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
-             tags: dict[str, str] | None = None) -> None:
-        metrics_ = [Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()]
+             tags: dict[str, str] | None = None, model_id: str | None = None) -> None:
+        metrics_ = [Metric(k, float(v), 0, 0, model_id=model_id) for k, v in (metrics or {}).items()]
         params_ = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
         tags_ = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         # MLflow takes at most 1000 metrics, 100 params and 100 tags per batch
@@ -345,28 +433,50 @@ class AuditRun:
             raise
         self.client.set_terminated(child_id, "FINISHED")
 
-    def log_target(self, report: Any, *, params: dict[str, Any], model_files: dict[str, bytes],
-                   roc: bytes | None = None, vulnerable_png: bytes | None = None) -> str:
-        """One child run per target configuration: params, the documented metrics, figures (``roc``: the ROC PNG
-        if already rendered; ``vulnerable_png``: the most vulnerable images), per-sample scores, the privacy
-        findings, every model's outputs and the target's model files."""
+    def log_target(self, report: Any, *, params: dict[str, Any], model: Any | None,
+                   datasets: list[DatasetInput] = (), roc: bytes | None = None,
+                   vulnerable_png: bytes | None = None) -> str:
+        """One child run per target configuration: its dataset inputs, its MLflow model (``model``: a
+        :class:`raymia.registry.ModelPackage`, or ``None``), params, the documented metrics (linked to the model),
+        figures (``roc``: the ROC PNG if already rendered; ``vulnerable_png``: the most vulnerable images),
+        per-sample scores, the privacy findings and every model's outputs."""
         t = report.target
         best = report.best_attack()
         tags = {"mia.best_attack": best.name, **{f"threshold_source.{k}": v for k, v in THRESHOLD_SOURCES.items()}}
         scores = io.BytesIO()
         report.scores.to_parquet(scores, index=False)
         with self.child(t.name, params=params, tags={**tags, "raymia.kind": "target"}) as child_id:
-            self._log(child_id, metrics=target_metrics(report))
+            if datasets:
+                self.client.log_inputs(child_id, datasets=list(datasets))
+            model_id = self._log_model(child_id, model) if model is not None else None
+            self._log(child_id, metrics=target_metrics(report), model_id=model_id)
             self.log_figures({HISTOGRAM_PLOT: score_histograms(report.attacks, f"{t.name}: member vs non-member")},
                              child_id)
             with tempfile.TemporaryDirectory() as d:
                 self.log_files({ROC_PLOT: roc if roc is not None else roc_png(report), SCORES_FILE: scores.getvalue(),
                                 SIGNALS_FILE: report.pool.to_parquet(Path(d) / "pool"),
                                 PROTOCOL_FILE: json.dumps(target_protocol(report), indent=2).encode(),
-                                TARGET_FILE: t.model_dump_json(indent=2).encode(), **model_files,
-                                **privacy_files(report),
+                                TARGET_FILE: t.model_dump_json(indent=2).encode(), **privacy_files(report),
                                 **({VULNERABLE_PLOT: vulnerable_png} if vulnerable_png else {})}, child_id)
         return child_id
+
+    def _log_model(self, run_id: str, model: Any) -> str:
+        """Log ``model`` (a :class:`raymia.registry.ModelPackage`) as the run's MLflow model :data:`MODEL_DIR`
+        (models from code: :data:`PYFUNC_CODE` plus its artifact folder); tag the run with the model's id."""
+        from raymia.pyfunc_model import ARTIFACT_KEY
+
+        with tempfile.TemporaryDirectory() as d, mlflow_store(self.tracking_uri), \
+                mlflow.start_run(run_id=run_id, nested=True):
+            folder = Path(d) / ARTIFACT_KEY
+            for rel, content in model.files.items():
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                (folder / rel).write_bytes(content)
+            info = mlflow.pyfunc.log_model(name=MODEL_DIR, python_model=str(PYFUNC_CODE),
+                                           artifacts={ARTIFACT_KEY: str(folder)}, signature=model.signature,
+                                           input_example=model.input_example, pip_requirements=model.requirements,
+                                           metadata=model.metadata)
+        self.client.set_tag(run_id, "raymia.model_id", info.model_id)
+        return info.model_id
 
     def log_repeats(self, child_id: str, reports: list[Any], seeds: list[int]) -> None:
         """A configuration audited under several seeds: ``<metric>.seeds_mean`` / ``.seeds_sd`` and ``seeds.n`` on
@@ -420,20 +530,27 @@ class AuditRun:
         self.log_files({REPORT_FILE: html.encode(), FRONTIER_FILE: json.dumps(rows, indent=2).encode()})
 
     def register_champion(self, name: str, child_run_id: str) -> str:
-        """Register the child run's model folder as a new version of ``name`` and point alias ``champion`` at
+        """Register the child run's MLflow model as a new version of ``name`` and point alias ``champion`` at
         it. Returns the version."""
         client = self.client
-        try:
-            client.get_registered_model(name)
-        except Exception:  # noqa: BLE001 - MLflow raises RestException / MlflowException when it does not exist
-            client.create_registered_model(name, description="raymia champion: weights in safetensors + spec.json; "
-                                                              "load with raymia.registry.load_model")
-        version = client.create_model_version(name, source=f"runs:/{child_run_id}/{MODEL_DIR}", run_id=child_run_id,
-                                              tags={"raymia.audit_run": self.run_id})
+        model_id = client.get_run(child_run_id).data.tags.get("raymia.model_id")
+        if model_id is None:
+            raise UserError(f"child run {child_run_id} logged no model (its weights were not in the cache)")
+        with mlflow_store(self.tracking_uri):
+            version = mlflow.register_model(f"models:/{model_id}", name, tags={"raymia.audit_run": self.run_id})
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(name, description=(
+                "raymia's champion: the configuration its audit chose on the privacy-utility frontier. An MLflow "
+                "pyfunc from code (raymia.pyfunc_model) with safetensors weights: "
+                f"mlflow.pyfunc.load_model('models:/{name}@champion').predict(images) -> label, p0..p<C-1>."))
         client.set_registered_model_alias(name, "champion", version.version)
         client.set_tag(self.run_id, "raymia.champion_run", child_run_id)
         client.set_tag(self.run_id, "raymia.champion_model", f"models:/{name}@champion")
         return version.version
+
+    def describe(self, text: str) -> None:
+        """The parent run's description (``mlflow.note.content``, Markdown), shown on its page in the UI."""
+        self.client.set_tag(self.run_id, "mlflow.note.content", text)
 
 
 @contextmanager
@@ -444,10 +561,12 @@ def audit_run(cfg: RunConfig, tracking_uri: str, *,
     name = cfg.tracking.experiment
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        name, artifact_location=_artifact_location(tracking_uri, name))
+        name, artifact_location=_artifact_location(tracking_uri, name), tags=EXPERIMENT_KIND)
+    if exp is not None and not exp.tags.get("mlflow.experimentKind"):
+        client.set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
     run = client.create_run(exp_id, run_name=cfg.name, tags={"raymia.version": raymia.__version__,
                                                              "raymia.kind": "audit", **(tags or {})})
-    audit = AuditRun(client, exp_id, run.info.run_id)
+    audit = AuditRun(client, exp_id, run.info.run_id, tracking_uri)
     try:
         audit.log_files({CONFIG_FILE: yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()})
         yield audit

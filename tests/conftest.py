@@ -55,3 +55,23 @@ def tiny_config(tmp_path, **overrides) -> dict:
 @pytest.fixture
 def tiny(tmp_path):
     return tiny_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def browsable_audit(tmp_path_factory):
+    """One small local audit (no Ray) with DIFFENCE and a registered champion ``raymia-digits``, shared by the
+    MLflow-model and browser tests: ``(outcome, raw config)``."""
+    from raymia.audit import run_audit
+    from raymia.config import parse_config
+
+    tmp = tmp_path_factory.mktemp("browsable")
+    raw = tiny_config(tmp, name="browse-audit")
+    raw["targets"] = [{"name": "mlp", "model": {"arch": "mlp", "params": {"hidden": [64]}}, "train": {"epochs": 20}}]
+    raw["split"] = {"target_members": 0.25, "target_nonmembers": 0.25, "population": 0.27, "calibration": 0.05,
+                    "calibration_members": 0.08, "test": 0.10}
+    raw["reference"] = {"count": 2}
+    raw["diffence"] = {"n": 2, "scenario": 1, "train": {"steps": 30}}
+    raw["attacks"] = {"enabled": ["loss", "rmia_online"], "rmia": {"num_z": 20}}
+    raw["frontier"] = {"leakage": "auc"}
+    raw["champion"] = {"rule": "min_leakage", "max_accuracy_drop": 0.5, "registry_name": "raymia-digits"}
+    return run_audit(parse_config(raw), local=True, echo=lambda line: None), raw
