@@ -33,15 +33,21 @@ class ModelSignals:
 
 
 def compute_signals(models: Sequence[nn.Module], x: np.ndarray, query_views: list[str], label_only: LabelOnlyConfig,
-                    *, device: torch.device | str = "cpu") -> list[ModelSignals]:
-    """Query each model on every view of ``x [n, *shape]`` (eval mode); the views are built once for all."""
+                    *, device: torch.device | str = "cpu", label_rows: np.ndarray | None = None) -> list[ModelSignals]:
+    """Query each model on every view of ``x [n, *shape]`` (eval mode); the views are built once for all.
+    The label-only views are queried only on the positions ``label_rows`` (default: all); elsewhere the predicted
+    labels are -1 (no attack reads them there)."""
     queries = [torch.from_numpy(QUERY_VIEWS[v](x)) for v in query_views]
-    perturbed = [torch.from_numpy(v) for v in label_only.views(x)]
+    rows = np.arange(len(x)) if label_rows is None else np.asarray(label_rows)
+    n_views = len(label_only.views(x[:1]))
+    perturbed = [torch.from_numpy(v) for v in label_only.views(x[rows])] if len(rows) else []
     out = []
     for model in models:
         logits = np.stack([predict_logits(model, q, device=device) for q in queries], axis=1)
-        preds = np.stack([predict_logits(model, v, device=device).argmax(1) for v in perturbed], axis=1)
-        out.append(ModelSignals(logits.astype(np.float32), preds.astype(np.int16)))
+        preds = np.full((len(x), n_views), -1, np.int16)
+        if perturbed:
+            preds[rows] = np.stack([predict_logits(model, v, device=device).argmax(1) for v in perturbed], axis=1)
+        out.append(ModelSignals(logits.astype(np.float32), preds))
     return out
 
 

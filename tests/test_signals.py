@@ -26,6 +26,20 @@ def test_query_views_and_label_only_views(digits):
     assert len(noisy) == 16 and not np.array_equal(noisy[0], x)
 
 
+def test_label_only_views_are_queried_only_where_the_attack_reads_them(digits, tmp_path):
+    model = build_model(ModelSpec(arch="cnn"), digits.input_shape, 10, seed=0)
+    x, rows = digits.x[:60], np.arange(10, 40)
+    cfg = LabelOnlyConfig(kind="shift", shift=1)
+    (full,) = compute_signals([model], x, ["identity"], cfg)
+    (part,) = compute_signals([model], x, ["identity"], cfg, label_rows=rows)
+    np.testing.assert_array_equal(part.label_only[rows], full.label_only[rows])
+    assert (np.delete(part.label_only, rows, axis=0) == -1).all() and np.array_equal(part.logits, full.logits)
+    plan = plan_audit(parse_config({"targets": [{"name": "m"}], "output_dir": str(tmp_path)}), digits)
+    assert np.array_equal(plan.scored_indices[plan.label_rows], plan.pool)  # the audited pool, nothing else
+    off = plan_audit(parse_config({"targets": [{"name": "m"}], "attacks": {"enabled": ["loss"]}}), digits)
+    assert len(off.label_rows) == 0 and off.views_id != plan.views_id
+
+
 def test_hflip_queries_need_images(tmp_path):
     rng = np.random.default_rng(0)
     tabular = make_dataset("tab", rng.normal(size=(200, 12)), np.arange(200) % 4)

@@ -75,7 +75,11 @@ class LabelOnlyConfig(BaseModel):
         return [x + rng.normal(0, self.noise_std, x.shape).astype(np.float32) for _ in range(self.noise_views)]
 
 
-def views_fingerprint(query_views: list[str], label_only: LabelOnlyConfig) -> str:
-    """Short hash naming one choice of views, so cached model outputs are keyed by what was asked."""
-    blob = json.dumps({"views": query_views, "label_only": label_only.model_dump()}, sort_keys=True)
+def views_fingerprint(query_views: list[str], label_only: LabelOnlyConfig,
+                      label_rows: np.ndarray | None = None) -> str:
+    """Short hash naming one choice of views (and of the positions queried in the label-only views), so cached
+    model outputs are keyed by what was asked."""
+    blob = json.dumps({"views": query_views, "label_only": label_only.model_dump(),
+                       "label_rows": None if label_rows is None else hashlib.sha256(
+                           np.ascontiguousarray(label_rows, np.int64).tobytes()).hexdigest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -95,7 +95,9 @@ def job_flops(job: TrainJob, plan: AuditPlan, macs: int) -> tuple[int, float]:
 def plan_cost(plan: AuditPlan, targets: Iterable[TargetConfig], *, skip: Sequence[str] = ()) -> Cost:
     """The work of auditing ``targets`` under ``plan``; jobs whose id is in ``skip`` (already cached) are free."""
     ds = plan.dataset
-    views = len(plan.config.attacks.queries) + len(plan.config.attacks.label_only.views(ds.x[:1]))
+    label_rows = len(plan.scored_indices) if plan.label_rows is None else len(plan.label_rows)
+    per_model = (len(plan.scored_indices) * len(plan.config.attacks.queries)
+                 + label_rows * len(plan.config.attacks.label_only.views(ds.x[:1])))  # forward passes
     cost = Cost()
     for target in targets:
         jobs = jobs_for_target(plan, target)
@@ -108,7 +110,7 @@ def plan_cost(plan: AuditPlan, targets: Iterable[TargetConfig], *, skip: Sequenc
             networks, flops = job_flops(job, plan, macs)
             cost.models, cost.networks, spent = cost.models + 1, cost.networks + networks, spent + flops
             cost.queried += 1
-            cost.query_flops += 2.0 * macs * len(plan.scored_indices) * views
+            cost.query_flops += 2.0 * macs * per_model
         cost.train_flops += spent
         cost.by_target[target.name] = spent
     return cost
@@ -136,18 +138,20 @@ def calibrate(plan: AuditPlan, target: TargetConfig, *, device: torch.device | s
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
     strategy = plan.config.reference.strategy
 
+    n = min(len(group[0].train_indices), 4096)  # a slice of each model's rows keeps the calibration short
+
     def run(epochs: int) -> float:
         models = [j.build(ds, seed=j.seed) for j in group]
         recipe = target.train.model_copy(update={"epochs": epochs})
         start = time.perf_counter()
-        train_many(models, x, y, [j.train_indices for j in group], recipe, [j.seed for j in group],
+        train_many(models, x, y, [j.train_indices[:n] for j in group], recipe, [j.seed for j in group],
                    strategy=strategy, device=device)
         return time.perf_counter() - start
 
     run(1)  # warm-up: imports, kernels
     one, three = run(1), run(3)
     per_epoch = max((three - one) / 2, 1e-9)
-    epoch_flops = 6.0 * macs * sum(len(j.train_indices) for j in group)
+    epoch_flops = 6.0 * macs * n * len(group)
     rows = plan.scored_indices[:4096]
     cfg = plan.config.attacks
     model = group[0].build(ds)

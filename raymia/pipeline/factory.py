@@ -137,7 +137,8 @@ def produce_signals(jobs: Sequence[TrainJob], plan: AuditPlan, cache: ModelCache
     models.update(trained)
     extras.update(trained_extras)
     outputs = compute_signals([models[j.job_id] for j in need_outputs], dataset.x[plan.scored_indices],
-                              list(cfg.attacks.queries), cfg.attacks.label_only, device=device)
+                              list(cfg.attacks.queries), cfg.attacks.label_only, device=device,
+                              label_rows=plan.label_rows)
     for job, signals in zip(need_outputs, outputs):
         cache.save_signals(job.key, plan.views_id, dataclasses.replace(signals, extra=extras[job.job_id]))
     stats.seconds = time.perf_counter() - start

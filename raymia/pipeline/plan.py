@@ -120,6 +120,8 @@ class AuditPlan:
     views_id: str
     canary_in: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # canaries whose coin
     # came up heads: the target trains on them (one-run auditing, ``audit.canaries``)
+    label_rows: np.ndarray | None = None  # positions in scored_indices queried in the label-only views (the pool
+    # and the audited samples, where the label-only attack reads them; none when it is not enabled)
 
     @property
     def target_rows(self) -> np.ndarray:
@@ -178,8 +180,11 @@ def plan_audit(cfg: AuditConfig, dataset: Dataset) -> AuditPlan:
     # never on the coins themselves, so the one-run bound's guesses are independent of them
     pkeep = (len(split["target_members"]) + m / 2) / len(pool) if ref.pkeep == "auto" else ref.pkeep
     keep = reference_keep_mask(len(pool), ref.count, fraction=pkeep, seed=cfg.seed)
-    views_id = views_fingerprint(list(cfg.attacks.queries), cfg.attacks.label_only)
-    plan = AuditPlan(cfg, dataset, split, pool, keep, [], split.used_indices(), views_id, split["canaries"][coins])
+    scored = split.used_indices()
+    label_rows = (np.flatnonzero(np.isin(scored, pool)) if "label_only_aug" in cfg.attacks.enabled
+                  else np.zeros(0, np.int64))
+    views_id = views_fingerprint(list(cfg.attacks.queries), cfg.attacks.label_only, label_rows)
+    plan = AuditPlan(cfg, dataset, split, pool, keep, [], scored, views_id, split["canaries"][coins], label_rows)
     return dataclasses.replace(plan, jobs=[j for t in cfg.targets for j in jobs_for_target(plan, t)])
 
 
