@@ -142,6 +142,7 @@ def main() -> None:
     p.add_argument("--store", type=Path, default=Path("/tmp/raymia-serve-bench"),
                    help="MLflow store holding (or to receive) the benchmark champion")
     p.add_argument("--set", action="append", default=[], metavar="ARG=VALUE", help="override an application arg")
+    p.add_argument("--max-replicas", type=int, help="override the config's autoscaling max_replicas")
     p.add_argument("--skip-plain", action="store_true")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -189,6 +190,9 @@ def main() -> None:
             key, value = item.split("=", 1)
             app["args"][key] = yaml.safe_load(value)
         app["deployments"][0]["user_config"] = knobs
+        if args.max_replicas:
+            app["deployments"][0]["autoscaling_config"]["max_replicas"] = args.max_replicas
+        scaling = app["deployments"][0]["autoscaling_config"]
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=True)
         results |= _measure("serve", f"http://127.0.0.1:{SERVE_PORT}/v1/predict", forms, args)
         batching = {key: app["args"].get(key) for key in ("max_batch_size", "batch_wait_timeout_s")}
@@ -197,7 +201,8 @@ def main() -> None:
         ray.shutdown()
     print(f"\nmachine: {describe_machine()}")
     print(f"digits MLP behind DIFFENCE (N = {args.n}, tiny UNet), {k} images per request; Serve: serve/config.yaml "
-          f"(autoscaling 1-2 replicas, {batching}); plain: one uvicorn process")
+          f"(autoscaling {scaling['min_replicas']}-{scaling['max_replicas']} replicas, {batching}); plain: one uvicorn "
+          "process")
     print(f"{'server':<7}{'form':<7}{'conc':>5}{'requests':>9}{'req/s':>8}{'inputs/s':>9}{'p50 ms':>8}{'p99 ms':>8}"
           f"{'errors':>7}{'batch':>6}   median ms: receive / parse / queue / compute / outside the replica")
     for (name, form, conc), r in results.items():
