@@ -101,3 +101,20 @@ def test_threshold_ties_are_decided_exactly_not_by_float_rounding():
     # a case where summing the two rates in floats ranks a tie wrongly: 3/4 + 2/6 and 1/4 + 5/6 are both 13/12
     s_in, s_out = np.array([0.0, 6.0, 3.0, 3.0]), np.array([0.0, 7.0, 4.0, 4.0, 4.0, 1.0])
     assert best_threshold(s_in, s_out) == 3.0
+
+
+def test_nn_attack_trains_on_a_seeded_sample_of_at_most_max_rows_shadow_rows():
+    from raymia.attacks.nn import NNAttackConfig, nn_attack_scores
+    from raymia.attacks.outputs import ModelOutputs, ShadowOutputs
+
+    rng = np.random.default_rng(0)
+    member = rng.random(3000) < 0.5
+    labels = rng.integers(0, 4, 3000)
+    logits = rng.normal(size=(3000, 4)) + 3 * np.eye(4)[labels] * member[:, None]
+    shadow = ShadowOutputs(ModelOutputs(logits, labels), member)
+    target = ModelOutputs(logits[:200], labels[:200])
+    small = NNAttackConfig(epochs=3, max_rows=500)
+    a, b = nn_attack_scores(shadow, [target], small)[0], nn_attack_scores(shadow, [target], small)[0]
+    np.testing.assert_array_equal(a, b)  # the sample is seeded
+    full = nn_attack_scores(shadow, [target], NNAttackConfig(epochs=3, max_rows=None))[0]
+    assert not np.allclose(a, full)  # a different training set: the cap took effect
