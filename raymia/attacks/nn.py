@@ -29,7 +29,7 @@ class NNAttackConfig(BaseModel):
     seed: int = 0
     #: shadow (model, sample) rows the attack network trains on: a seeded sample of that many (None: all). 64
     #: reference models on a 21,000-sample pool give 1.3 M rows; the network does not need them all.
-    max_rows: int | None = Field(200_000, ge=100)
+    max_rows: int | None = Field(50_000, ge=100)
 
 
 class AttackNet(nn.Module):
