@@ -6,7 +6,8 @@ by one with :func:`~raymia.training.loop.train_classifier`, up to float rounding
 inside the network (dropout) is drawn per model but not from the same stream as one-by-one training.
 
 Where ``vmap`` pays off: small MLPs on CPU (measured on 2 cores, 8 models: 7x for 64-256-10, 1.1-1.4x around
-80k parameters, 0.6x for 64-512-512-10, where batched matmuls lose to plain ones) and small nets on GPU.
+80k parameters, 0.8x for the 102k-parameter 784-128-10 Fashion-MNIST MLP (16 models, benchmarks/reference_pool.py),
+0.6x for 64-512-512-10, where batched matmuls lose to plain ones) and small nets on GPU.
 Convolutions on CPU lower to grouped convolutions and run slower than a loop (0.6x), and BatchNorm's in-place
 running statistics do not vmap; :func:`prefers_vmap` encodes this and callers fall back to a loop of
 :func:`train_classifier`.
@@ -34,7 +35,7 @@ from raymia.training.loop import (
 )
 
 #: Above this many parameters per model, batched matmuls on CPU are slower than a loop of plain ones.
-CPU_VMAP_MAX_PARAMS = 150_000
+CPU_VMAP_MAX_PARAMS = 90_000
 
 
 def prefers_vmap(model: nn.Module, policy: TrainingPolicy | None, device: torch.device | str) -> bool:
