@@ -194,9 +194,7 @@ def vulnerable_figure(images: np.ndarray, labels: np.ndarray, preds: np.ndarray,
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
-            img = images[i].transpose(1, 2, 0)
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                      vmin=0, vmax=1)
+            _show(ax, images[i])
             ax.set_title(f"y={labels[i]} ŷ={preds[i]}\ns={scores[i]:.1f}", fontsize=6)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
@@ -271,11 +269,16 @@ def sample_grid(images: Any, title: str) -> Any:
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
-            img = images[i].transpose(1, 2, 0)
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                      vmin=0, vmax=1)
+            _show(ax, images[i])
     fig.suptitle(title, fontsize=8)
     return fig
+
+
+def _show(ax: Any, image: np.ndarray) -> None:
+    """One image ``[C, H, W]`` in [0, 1] on ``ax`` (grey when single-channel)."""
+    img = image.transpose(1, 2, 0)
+    grey = img.shape[-1] == 1
+    ax.imshow(img[..., 0] if grey else img, cmap="gray" if grey else None, vmin=0, vmax=1)
 
 
 def _img(fig: Any, *, keep: bool = False) -> str:

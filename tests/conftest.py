@@ -64,8 +64,13 @@ def browsable_audit(tmp_path_factory):
     from raymia.audit import run_audit
     from raymia.config import parse_config
 
-    tmp = tmp_path_factory.mktemp("browsable")
-    raw = tiny_config(tmp, name="browse-audit")
+    raw = diffence_champion_config(tmp_path_factory.mktemp("browsable"), "raymia-digits", name="browse-audit")
+    return run_audit(parse_config(raw), local=True, echo=lambda line: None), raw
+
+
+def diffence_champion_config(tmp, registry_name: str, **overrides) -> dict:
+    """A raw config for a tiny audit with DIFFENCE that registers its champion as ``registry_name@champion``."""
+    raw = tiny_config(tmp, **overrides)
     raw["targets"] = [{"name": "mlp", "model": {"arch": "mlp", "params": {"hidden": [64]}}, "train": {"epochs": 20}}]
     raw["split"] = {"target_members": 0.25, "target_nonmembers": 0.25, "population": 0.27, "calibration": 0.05,
                     "calibration_members": 0.08, "test": 0.10}
@@ -73,5 +78,5 @@ def browsable_audit(tmp_path_factory):
     raw["diffence"] = {"n": 2, "scenario": 1, "train": {"steps": 30}}
     raw["attacks"] = {"enabled": ["loss", "rmia_online"], "rmia": {"num_z": 20}}
     raw["frontier"] = {"leakage": "auc"}
-    raw["champion"] = {"rule": "min_leakage", "max_accuracy_drop": 0.5, "registry_name": "raymia-digits"}
-    return run_audit(parse_config(raw), local=True, echo=lambda line: None), raw
+    raw["champion"] = {"rule": "min_leakage", "max_accuracy_drop": 0.5, "registry_name": registry_name}
+    return raw

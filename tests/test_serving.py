@@ -22,7 +22,7 @@ from raymia.audit import run_audit
 from raymia.config import parse_config
 from raymia.registry import load_champion
 from raymia.inference import ServiceKnobs, query_seed
-from tests.conftest import tiny_config
+from tests.conftest import diffence_champion_config
 
 pytestmark = pytest.mark.ray
 PORT, CLI_PORT = 18431, 18433
@@ -34,16 +34,7 @@ STOP_S = 5  # the most `serve run` may take to stop on SIGINT or SIGTERM
 @pytest.fixture(scope="module")
 def champion(ray_local, tmp_path_factory):
     """A tiny audit with DIFFENCE whose champion is registered in a temporary MLflow store."""
-    tmp = tmp_path_factory.mktemp("serve")
-    raw = tiny_config(tmp)
-    raw["targets"] = [{"name": "mlp", "model": {"arch": "mlp", "params": {"hidden": [64]}}, "train": {"epochs": 20}}]
-    raw["split"] = {"target_members": 0.25, "target_nonmembers": 0.25, "population": 0.27, "calibration": 0.05,
-                    "calibration_members": 0.08, "test": 0.10}
-    raw["reference"] = {"count": 2}
-    raw["diffence"] = {"n": 2, "scenario": 1, "train": {"steps": 30}}
-    raw["attacks"] = {"enabled": ["loss", "rmia_online"], "rmia": {"num_z": 20}}
-    raw["frontier"] = {"leakage": "auc"}
-    raw["champion"] = {"rule": "min_leakage", "max_accuracy_drop": 0.5, "registry_name": "serve-test"}
+    raw = diffence_champion_config(tmp_path_factory.mktemp("serve"), "serve-test")
     outcome = run_audit(parse_config(raw), echo=lambda line: None)
     return {"model_uri": "models:/serve-test@champion", "tracking_uri": outcome.tracking_uri}
 
