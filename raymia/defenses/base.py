@@ -84,6 +84,11 @@ class Defense:
     def check(self, model: nn.Module, *, field: str) -> None:
         """Raise :class:`~raymia.errors.UserError` if this defense cannot train ``model`` (before any training)."""
 
+    def training_passes(self, recipe: TrainRecipe, n_train: int, n_reference: int) -> tuple[int, float]:
+        """Networks trained for one defended model on ``n_train`` rows (``n_reference``: the defender's reference
+        rows) and their training sample-passes (one sample forward and backward once): the cost plan's count."""
+        return 1, float(self.recipe(recipe).epochs * n_train)
+
     @property
     def multi_stage(self) -> bool:
         """True when :meth:`fit` is overridden, i.e. the defense is more than a policy for one loop."""

@@ -73,6 +73,12 @@ class DMP(Defense):
     name = "dmp"
     uses_context_rows = True
 
+    def training_passes(self, recipe: TrainRecipe, n_train: int, n_reference: int) -> tuple[int, float]:
+        """The teacher on the protected rows, then the student on the k kept reference rows."""
+        cfg = self.config
+        kept = n_reference if cfg.k is None else min(cfg.k, n_reference)
+        return 2, float(recipe.epochs * n_train + (cfg.student_epochs or recipe.epochs) * kept)
+
     def fit(self, build: Callable[[int], nn.Module], rows: np.ndarray, recipe: TrainRecipe, seed: int,
             ctx: DefenseContext) -> FitResult:
         cfg = self.config

@@ -56,6 +56,12 @@ def split_ai_soft_labels(probs: np.ndarray, excl: np.ndarray) -> np.ndarray:
 class SELENA(Defense):
     name = "selena"
 
+    def training_passes(self, recipe: TrainRecipe, n_train: int, n_reference: int) -> tuple[int, float]:
+        """K sub-models, each on the (K − L)/K of the rows it may see, then the student on all of them."""
+        cfg = self.config
+        per_sub = n_train * (cfg.submodels - cfg.excluded) / cfg.submodels
+        return cfg.submodels + 1, recipe.epochs * (cfg.submodels * per_sub + n_train)
+
     def fit(self, build: Callable[[int], nn.Module], rows: np.ndarray, recipe: TrainRecipe, seed: int,
             ctx: DefenseContext) -> FitResult:
         cfg = self.config

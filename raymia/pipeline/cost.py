@@ -21,7 +21,6 @@ from raymia.defenses import make_defense
 from raymia.pipeline.plan import AuditPlan, TrainJob, jobs_for_target
 from raymia.signals import compute_signals
 from raymia.training.ensemble import train_many
-from raymia.training.loop import TrainRecipe
 
 
 def forward_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -49,16 +48,7 @@ def forward_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 def sample_passes(target: TargetConfig, n_train: int, n_reference: int) -> tuple[int, float]:
     """Networks trained for one job of ``target`` and their training sample-passes (one sample forward and
     backward once), the defense's internal networks included."""
-    defense = make_defense(target.defense)
-    recipe: TrainRecipe = defense.recipe(target.train)
-    cfg = target.defense
-    if cfg.name == "dmp":
-        kept = n_reference if cfg.k is None else min(cfg.k, n_reference)
-        return 2, recipe.epochs * n_train + (cfg.student_epochs or recipe.epochs) * kept
-    if cfg.name == "selena":
-        per_sub = n_train * (cfg.submodels - cfg.excluded) / cfg.submodels
-        return cfg.submodels + 1, recipe.epochs * (cfg.submodels * per_sub + n_train)
-    return 1, float(recipe.epochs * n_train)
+    return make_defense(target.defense).training_passes(target.train, n_train, n_reference)
 
 
 @dataclass
