@@ -54,7 +54,7 @@ from raymia.pipeline.recipe import (
     utility_configuration,
 )
 from raymia.quiet import quiet_defaults
-from raymia.registry import ModelPackage, model_package, unet_artifacts
+from raymia.registry import ModelPackage, fetch_state_dict, model_package, unet_artifacts
 from raymia.report import (close, figure_png, frontier_figure, html_report, privacy_summary, roc_png, summary_table,
                            vulnerable_figure)
 from raymia.signals import PoolSignals
@@ -183,19 +183,36 @@ def _ray_version() -> str:
         return "not installed"
 
 
+def _with_registry_weights(cfg: AuditConfig, output_dir: Path, tracking_uri: str, say: Echo) -> AuditConfig:
+    """``cfg`` with each ``model_uri`` target's weights fetched from MLflow into ``output_dir/given/`` (its
+    ``weights``); the tracking store is also where the model is looked up."""
+    if not any(t.model_uri for t in cfg.targets):
+        return cfg
+    targets = []
+    for i, t in enumerate(cfg.targets):
+        if t.model_uri is not None:
+            dest = output_dir / "given" / f"{t.name}-{content_key({'uri': t.model_uri})[:12]}.safetensors"
+            fetch_state_dict(t.model_uri, dest, tracking_uri=tracking_uri, allow_pickle=t.allow_pickle,
+                             field=f"targets.{i}.model_uri", warn=say)
+            t = t.model_copy(update={"weights": dest})
+        targets.append(t)
+    return cfg.model_copy(update={"targets": targets})
+
+
 @contextmanager
 def _start(cfg: AuditConfig, say: Echo, *, local: bool) -> Iterator[_Started]:
     """Load the data, plan, open the MLflow parent run and log the split and the audit's params."""
     quiet_defaults()
     timings: dict[str, float] = {}
+    output_dir = cfg.output_dir.expanduser().resolve()
+    tracking_uri = resolve_tracking_uri(cfg.tracking)
     with phase(timings, "data"):
+        cfg = _with_registry_weights(cfg, output_dir, tracking_uri, say)
         dataset = cfg.data.load()
         plan = plan_audit(cfg, dataset)
         builders = plugin_builders(cfg)
         targets = list(cfg.targets) if cfg.sweep is None else sweep_targets(cfg, dataset)
-    output_dir = cfg.output_dir.expanduser().resolve()
     cache = ModelCache(cfg.cache.uri or output_dir / "cache")
-    tracking_uri = resolve_tracking_uri(cfg.tracking)
     what = (f"{len(cfg.targets)} targets x (1 + {cfg.reference.count} reference models) = {len(plan.jobs)} models"
             if cfg.sweep is None else f"a sweep over {len(cfg.sweep.defenses)} defense entries "
             f"(objective: {cfg.sweep.objective}), 1 + {cfg.reference.count} models per configuration")

@@ -35,6 +35,7 @@ from raymia.defenses import DefenseConfig, NoDefenseConfig
 from raymia.defenses.diffence import DiffenceConfig
 from raymia.diffusion.model import DiffusionSpec
 from raymia.diffusion.train import DiffusionRecipe
+from raymia.endpoint import EndpointConfig
 from raymia.errors import UserError
 from raymia.models.classifiers import ModelSpec
 from raymia.sweep import SweepConfig
@@ -75,6 +76,21 @@ class SplitConfig(_Strict):
     test: float = Field(0.10, gt=0, lt=1)
     calibration_members: float = Field(0.0, ge=0, lt=1)
     defender_reference: float = Field(0.0, ge=0, lt=1)
+    members: Path | None = Field(None, description="row indices (.npy, .parquet, .csv) a model you bring was "
+                                 "trained on; replaces target_members")
+    nonmembers: Path | None = Field(None, description="row indices to audit as its non-members (default: drawn "
+                                    "from the other rows at target_nonmembers)")
+
+    @field_validator("members", "nonmembers")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser().resolve()  # Ray trials and jobs change the working directory
+
+    @model_validator(mode="after")
+    def _nonmembers_need_members(self) -> "SplitConfig":
+        if self.nonmembers is not None and self.members is None:
+            raise ValueError("nonmembers needs members: give split.members, the rows your model was trained on")
+        return self
 
     @model_validator(mode="after")
     def _sums_to_at_most_one(self) -> "SplitConfig":
@@ -84,8 +100,14 @@ class SplitConfig(_Strict):
         return self
 
     def fractions(self) -> dict[str, float]:
-        """Each role's fraction (``canaries`` are sized by ``audit.canaries``, see :func:`plan_audit`)."""
-        return {r: getattr(self, r, 0.0) for r in ROLES}
+        """Each role's fraction (``canaries`` are sized by ``audit.canaries``, see :func:`plan_audit`; with
+        ``members`` the target members are those rows)."""
+        out = {r: getattr(self, r, 0.0) for r in ROLES}
+        if self.members is not None:
+            out["target_members"] = 0.0
+        if self.nonmembers is not None:
+            out["target_nonmembers"] = 0.0
+        return out
 
 
 class TargetConfig(_Strict):
@@ -96,6 +118,38 @@ class TargetConfig(_Strict):
     model: ModelSpec = ModelSpec()
     train: TrainRecipe = TrainRecipe()
     defense: DefenseConfig = NoDefenseConfig()
+    # a model you bring (at most one of the three); raymia never retrains it, and trains its reference models with
+    # ``train`` (or ``train.fn``) and ``defense`` on as many samples as ``split.members`` holds
+    weights: Path | None = Field(None, description="safetensors file, or a PyTorch state dict (.pt/.pth, "
+                                 "loaded with weights_only=True), for the architecture ``model``")
+    model_uri: str | None = Field(None, description="models:/name@alias, models:/name/version or runs:/id/path: "
+                                  "a raymia model or a state dict logged with mlflow.pytorch.log_state_dict")
+    allow_pickle: bool = Field(False, description="load a pickled MLflow PyTorch model (runs its code: only "
+                               "for models you trust)")
+    endpoint: EndpointConfig | None = None
+
+    @property
+    def given(self) -> bool:
+        """The target is a model the user brings, not one raymia trains."""
+        return self.weights is not None or self.model_uri is not None or self.endpoint is not None
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TargetConfig":
+        given = [k for k in ("weights", "model_uri", "endpoint") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of weights, model_uri and endpoint (got {', '.join(given)})")
+        if self.model_uri is not None and not self.model_uri.startswith(("models:/", "runs:/")):
+            raise ValueError(f"model_uri {self.model_uri!r}: expected models:/name@alias, models:/name/version or "
+                             "runs:/<run id>/<path>")
+        if self.train.fn is not None and self.defense.name != "none":
+            raise ValueError(f"train.fn replaces raymia's training loop, so the {self.defense.name} defense cannot "
+                             "plug into it; drop the defense (or train.fn)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -308,6 +362,8 @@ class DiffenceAuditConfig(DiffenceConfig):
     model: DiffusionSpec = DiffusionSpec()
     train: DiffusionRecipe = DiffusionRecipe()
     train_data: Literal["members", "population"] = "members"
+    interval: tuple[float, float] | None = Field(None, description="an endpoint target's deployed interval [a, b] "
+                                                 "(scenarios 1, 2): its reference models are queried with it")
 
 
 class RunConfig(_Strict):
@@ -371,6 +427,22 @@ class AuditConfig(RunConfig):
     def _targets_or_sweep(self) -> "AuditConfig":
         if bool(self.targets) == (self.sweep is not None):
             raise ValueError("give either targets (a list of configurations to audit) or sweep (a defense sweep)")
+        return self
+
+    @model_validator(mode="after")
+    def _given_targets_fit(self) -> "AuditConfig":
+        for i, t in enumerate(self.targets):
+            if t.given and t.endpoint is None and self.split.members is None:
+                raise ValueError(f"targets.{i} ({t.name}) is a model you bring: give split.members, the file of "
+                                 "row indices it was trained on (.npy, .parquet or .csv)")
+            d = self.diffence
+            if t.endpoint is not None and d is not None and d.n > 0 and d.scenario != 3 and d.interval is None:
+                raise ValueError(f"targets.{i} ({t.name}) is an endpoint behind DIFFENCE scenario {d.scenario}: set "
+                                 "diffence.interval to the deployment's [a, b] (raymia's GET /v1/model reports it "
+                                 "as inference_defense.interval) so the reference models are queried with it")
+            if t.given and self.audit.mode == "one_run":
+                raise ValueError(f"targets.{i} ({t.name}) is already trained, but one-run auditing "
+                                 "(audit.mode: one_run) must train the target with its canaries; use audit.mode: none")
         return self
 
     @model_validator(mode="after")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import json
 import os
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from raymia.defenses.diffence import Diffence, DiffenceConfig
+from raymia.defenses.diffence import Diffence, DiffenceConfig, query_seed
 from raymia.diffusion.model import make_noise_schedule
 from raymia.registry import Champion, load_champion
 
@@ -73,12 +72,6 @@ class BadInput(Exception):
     def __init__(self, status: int, field: str, message: str):
         super().__init__(message)
         self.status, self.field, self.message = status, field, message
-
-
-def query_seed(service_seed: int, x: np.ndarray) -> int:
-    """A 31-bit seed from the service seed and the query's float32 bytes."""
-    digest = hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes() + service_seed.to_bytes(8, "little"))
-    return int.from_bytes(digest.digest()[:4], "little") & 0x7FFFFFFF
 
 
 def error_body(exc: BadInput) -> dict[str, Any]:
@@ -281,7 +274,8 @@ class DefendedModel:
         p = np.exp(z - z.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         return {"model_version": self.bundle.version, "batch_size": int(batch_size),
-                "predictions": [{"label": int(row.argmax()), "probabilities": row.round(6).tolist()} for row in p]}
+                "predictions": [{"label": int(row.argmax()), "probabilities": row.round(6).tolist(),
+                                 "logits": z32.tolist()} for row, z32 in zip(p, logits.astype(np.float32))]}
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/model`` reports: the model, and the DIFFENCE knobs in effect now."""

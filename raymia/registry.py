@@ -182,6 +182,49 @@ def load_bundle(model_uri: str, *, tracking_uri: str | None = None) -> ModelBund
     return ModelBundle(replace(bundle.classifier, source=model_uri), bundle.diffence)
 
 
+def fetch_state_dict(model_uri: str, dest: Path, *, tracking_uri: str | None = None, allow_pickle: bool = False,
+                     field: str = "model_uri", warn=print) -> Path:  # noqa: ANN001 - a line printer
+    """Download the weights behind ``model_uri`` to the safetensors file ``dest``: a model raymia logged, or a state
+    dict logged with ``mlflow.pytorch.log_state_dict`` (read with ``weights_only=True``). A pickled
+    ``mlflow.pytorch.log_model`` model is refused unless ``allow_pickle`` (then loaded, with a warning)."""
+    from safetensors.torch import save_file
+
+    from raymia.models.checkpoints import read_state_dict
+
+    with tempfile.TemporaryDirectory() as d, mlflow_store(tracking_uri):
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=d))
+        except (MlflowException, OSError) as exc:
+            where = f" in {tracking_uri}" if tracking_uri else ""
+            raise UserError(f"cannot read model '{model_uri}'{where}: {str(exc).splitlines()[0]}",
+                            field=field) from None
+        ours = sorted(local.rglob(_WEIGHTS))
+        state_dicts = sorted(local.rglob("state_dict.pth"))
+        if (local / "MLmodel").exists() and (Model.load(str(local)).metadata or {}).get(MODEL_FORMAT_KEY) and ours:
+            state = load_file(str(ours[0]))
+        elif state_dicts:
+            state = read_state_dict(state_dicts[0], field=field)
+        elif (local / "MLmodel").exists() and "pytorch" in (Model.load(str(local)).flavors or {}):
+            if not allow_pickle:
+                raise UserError(f"'{model_uri}' is a pickled PyTorch model (mlflow.pytorch.log_model): loading it "
+                                "runs code stored with it. Log its weights instead with "
+                                "mlflow.pytorch.log_state_dict(model.state_dict(), 'model') and name the "
+                                "architecture in model:, or set allow_pickle: true for a model you trust",
+                                field=field)
+            warn(f"warning: {field}: unpickling '{model_uri}' (allow_pickle: true) runs the code it holds")
+            from mlflow.pytorch import load_model as load_pickled
+
+            state = load_pickled(str(local), map_location="cpu").state_dict()
+        else:
+            raise UserError(f"'{model_uri}' holds neither a raymia model nor a state_dict.pth "
+                            "(mlflow.pytorch.log_state_dict); log the weights with one of them", field=field)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(dest)
+    return dest
+
+
 def load_model(model_uri: str, *, tracking_uri: str | None = None) -> LoadedModel:
     """The classifier of ``model_uri`` (see :func:`load_bundle`), in eval mode."""
     return load_bundle(model_uri, tracking_uri=tracking_uri).classifier

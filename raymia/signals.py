@@ -7,7 +7,7 @@ lets any attack be re-scored later without retraining (``raymia rescore``).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,21 +32,38 @@ class ModelSignals:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def compute_signals(models: Sequence[nn.Module], x: np.ndarray, query_views: list[str], label_only: LabelOnlyConfig,
+#: A model to query: a network (run here), or any function from inputs ``[n, *shape]`` to output vectors
+#: ``[n, K]`` (logits or log-probabilities), e.g. an HTTP endpoint's client.
+Queryable = nn.Module | Callable[[np.ndarray], np.ndarray]
+
+
+def queries_needed(n: int, query_views: list[str], label_only: LabelOnlyConfig, x1: np.ndarray,
+                   label_rows: np.ndarray | None = None) -> int:
+    """How many inputs :func:`compute_signals` sends one model for ``n`` samples (``x1``: one of them)."""
+    rows = n if label_rows is None else len(label_rows)
+    return n * len(query_views) + rows * len(label_only.views(x1))
+
+
+def compute_signals(models: Sequence[Queryable], x: np.ndarray, query_views: list[str], label_only: LabelOnlyConfig,
                     *, device: torch.device | str = "cpu", label_rows: np.ndarray | None = None) -> list[ModelSignals]:
-    """Query each model on every view of ``x [n, *shape]`` (eval mode); the views are built once for all.
-    The label-only views are queried only on the positions ``label_rows`` (default: all); elsewhere the predicted
-    labels are -1 (no attack reads them there)."""
-    queries = [torch.from_numpy(QUERY_VIEWS[v](x)) for v in query_views]
+    """Query each model on every view of ``x [n, *shape]`` (networks in eval mode); the views are built once for
+    all. The label-only views are queried only on the positions ``label_rows`` (default: all); elsewhere the
+    predicted labels are -1 (no attack reads them there)."""
+    queries = [QUERY_VIEWS[v](x) for v in query_views]
     rows = np.arange(len(x)) if label_rows is None else np.asarray(label_rows)
     n_views = len(label_only.views(x[:1]))
-    perturbed = [torch.from_numpy(v) for v in label_only.views(x[rows])] if len(rows) else []
+    perturbed = label_only.views(x[rows]) if len(rows) else []
     out = []
     for model in models:
-        logits = np.stack([predict_logits(model, q, device=device) for q in queries], axis=1)
+        def ask(q: np.ndarray) -> np.ndarray:
+            if isinstance(model, nn.Module):
+                return predict_logits(model, torch.from_numpy(q), device=device)
+            return model(q)
+
+        logits = np.stack([ask(q) for q in queries], axis=1)
         preds = np.full((len(x), n_views), -1, np.int16)
-        if perturbed:
-            preds[rows] = np.stack([predict_logits(model, v, device=device).argmax(1) for v in perturbed], axis=1)
+        if len(perturbed):
+            preds[rows] = np.stack([ask(v).argmax(1) for v in perturbed], axis=1)
         out.append(ModelSignals(logits.astype(np.float32), preds))
     return out
 

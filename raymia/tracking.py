@@ -37,6 +37,7 @@ from mlflow.tracking import MlflowClient
 import raymia
 from raymia.config import RunConfig, TrackingConfig
 from raymia.errors import UserError
+from raymia.models.checkpoints import file_digest
 from raymia.pipeline.dp_audit import overlap_at_k
 from raymia.report import close, roc_figure, roc_png, sample_grid, score_histograms
 
@@ -138,8 +139,16 @@ def flat_params(prefix: str, value: Any) -> dict[str, str]:
 def target_params(cfg: Any, report: Any, plan_params: dict[str, Any]) -> dict[str, Any]:
     """A target child run's params: the plan's facts, the architecture, recipe, defenses and attack knobs."""
     t = report.target
+    source = ({"source": "endpoint", "source.endpoint": t.endpoint.url} if t.endpoint is not None else
+              {"source": "model_uri", "source.model_uri": t.model_uri} if t.model_uri is not None else
+              {"source": "weights", "source.weights": str(t.weights)} if t.weights is not None else
+              {"source": "trained by raymia"})
+    if t.weights is not None:
+        source["source.weights_sha256"] = file_digest(t.weights)
+    if cfg.split.members is not None:
+        source["split.members"] = str(cfg.split.members)
     return {
-        **plan_params, "arch": t.model.arch, "defense": t.defense.name,
+        **plan_params, **source, "arch": t.model.arch, "defense": t.defense.name,
         "inference_defense": (report.inference or {}).get("name", "none"),
         **flat_params("inference", {k: v for k, v in (report.inference or {}).items() if k != "name"}),
         **flat_params("defense", t.defense.model_dump(exclude={"name"})),
@@ -312,17 +321,21 @@ def mlflow_store(uri: str | None) -> Iterator[None]:
     if uri is None:
         yield
         return
+    from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
-             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
+             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")},
+             fluent._active_experiment_id)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    fluent._active_experiment_id = None  # a caller's mlflow.set_experiment() must not redirect the audit's runs
     try:
         yield
     finally:
         tracking_utils._tracking_uri, registry_utils._registry_uri = saved[0], saved[1]
+        fluent._active_experiment_id = saved[3]
         for k, v in saved[2].items():
             if v is None:
                 os.environ.pop(k, None)

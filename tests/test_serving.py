@@ -32,11 +32,15 @@ STOP_S = 5  # the most `serve run` may take to stop on SIGINT or SIGTERM
 
 
 @pytest.fixture(scope="module")
-def champion(ray_local, tmp_path_factory):
-    """A tiny audit with DIFFENCE whose champion is registered in a temporary MLflow store."""
+def champion_audit(ray_local, tmp_path_factory):
+    """A tiny audit with DIFFENCE whose champion is registered in a temporary MLflow store: (raw config, outcome)."""
     raw = diffence_champion_config(tmp_path_factory.mktemp("serve"), "serve-test")
-    outcome = run_audit(parse_config(raw), echo=lambda line: None)
-    return {"model_uri": "models:/serve-test@champion", "tracking_uri": outcome.tracking_uri}
+    return raw, run_audit(parse_config(raw), echo=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def champion(champion_audit):
+    return {"model_uri": "models:/serve-test@champion", "tracking_uri": champion_audit[1].tracking_uri}
 
 
 def config_for(champion, user_config, port=PORT):
@@ -245,6 +249,39 @@ def test_metadata_health_and_reconfigure_without_restart(service):
     after = requests.get(f"{URL}/v1/model", timeout=30).json()
     assert after["inference_defense"]["n"] == 6 and after["replica_pid"] == meta["replica_pid"]
     assert _post({"inputs": [[0.5] * 64]}).status_code == 200  # and it answers with the new knobs
+
+
+def _attack_metrics(outcome, name):
+    report = next(r for r in outcome.reports if r.target.name == name)
+    return {a: (r.metrics.auc, r.metrics.tpr_at_fpr["1pct"]) for a, r in report.attacks.items()}
+
+
+def test_auditing_the_deployment_over_http_gives_the_in_process_audits_numbers(service, champion_audit):
+    """The champion behind DIFFENCE, audited as a black box through its own /v1/predict, against reference models
+    queried through the same DIFFENCE: the in-process audit's ``+diffence`` numbers; with n = 0 the undefended
+    ones."""
+    raw, outcome = champion_audit
+    audit_knobs = raw["diffence"]
+    deploy(service, {"n": audit_knobs["n"], "scenario": audit_knobs["scenario"], "seed": 0})
+    meta = requests.get(f"{URL}/v1/model", timeout=30).json()
+    http = {**raw, "name": "over-http", "champion": None,
+            "cache": {"uri": str(Path(raw["output_dir"]) / "cache")},  # the same reference models and UNet
+            "tracking": {**raw["tracking"], "experiment": "over-http"},
+            "targets": [{**raw["targets"][0], "endpoint": {"url": f"{URL}/v1/predict", "batch_size": 50}}],
+            "diffence": {**audit_knobs, "interval": meta["inference_defense"]["interval"]}}
+    try:
+        defended = run_audit(parse_config(http), local=True, echo=lambda line: None)
+        want, got = _attack_metrics(outcome, "mlp+diffence"), _attack_metrics(defended, "mlp+diffence")
+        for attack in want:  # float rounding of the server's batches vs the audit's chunks: the 5th decimal at most
+            assert got[attack] == pytest.approx(want[attack], abs=1e-4), attack
+        assert defended.reports[0].extra["endpoint.queries"] == len(defended.reports[0].pool.indices)
+        deploy(service, {"n": 0})
+        plain = run_audit(parse_config({**http, "diffence": None}), local=True, echo=lambda line: None)
+        want, got = _attack_metrics(outcome, "mlp"), _attack_metrics(plain, "mlp")
+        for attack in want:
+            assert got[attack] == pytest.approx(want[attack], abs=1e-4), attack
+    finally:
+        deploy(service, {"n": 4, "scenario": 3, "seed": 7})
 
 
 # ---- property-based: every request a client can send is answered 200 or 4xx, and the replica keeps serving ----

@@ -88,21 +88,43 @@ class SplitPlan:
         return plan
 
 
-def make_split_plan(n: int, fractions: dict[str, float], *, seed: int, data_fingerprint: str) -> SplitPlan:
+def make_split_plan(n: int, fractions: dict[str, float], *, seed: int, data_fingerprint: str,
+                    members: np.ndarray | None = None, nonmembers: np.ndarray | None = None) -> SplitPlan:
     """Partition ``range(n)`` into the roles at the given fractions (which sum to at most 1).
 
     Sizes are ``floor(fraction * n)``; samples left over are unused. The permutation comes from
     ``numpy.random.default_rng(seed)``, so the same ``(n, fractions, seed)`` always gives the same plan.
+
+    ``members`` (and ``nonmembers``): rows a model the user brings was trained on (and rows to audit as its
+    non-members), fixed instead of drawn. The other roles are drawn at their fractions from the remaining rows, in
+    the permutation's order, so giving exactly the rows a seeded plan drew as its members reproduces that plan;
+    ``calibration_members`` (known members) are then drawn from ``members``.
     """
-    sizes = {r: int(np.floor(fractions.get(r, 0.0) * n)) for r in ROLES}
-    if sum(sizes.values()) > n:
-        raise ValueError(f"split sizes {sizes} exceed the {n} samples available")
     perm = np.random.default_rng(seed).permutation(n)
-    out, start = {}, 0
+    sizes = {r: int(np.floor(fractions.get(r, 0.0) * n)) for r in ROLES}
+    out: dict[str, np.ndarray] = {}
+    if members is not None:
+        known = sizes.pop("calibration_members")
+        if known >= len(members):
+            raise ValueError(f"calibration_members ({known}) must be fewer than the {len(members)} given members")
+        chosen = np.random.default_rng([seed, 0xCA1]).choice(members, size=known, replace=False)
+        out["calibration_members"] = np.sort(chosen).astype(np.int64)
+        out["target_members"] = np.setdiff1d(members, chosen).astype(np.int64)
+        sizes.pop("target_members")
+        taken = members
+        if nonmembers is not None:
+            out["target_nonmembers"] = np.sort(nonmembers).astype(np.int64)
+            sizes.pop("target_nonmembers")
+            taken = np.union1d(members, nonmembers)
+        perm = perm[~np.isin(perm, taken)]
+    if sum(sizes.values()) > len(perm):
+        raise ValueError(f"split sizes {sizes} exceed the {len(perm)} samples available")
+    start = 0
     for role in ROLES:
-        out[role] = np.sort(perm[start:start + sizes[role]]).astype(np.int64)
-        start += sizes[role]
-    return SplitPlan(out, seed, data_fingerprint)
+        if role in sizes:
+            out[role] = np.sort(perm[start:start + sizes[role]]).astype(np.int64)
+            start += sizes[role]
+    return SplitPlan({r: out[r] for r in ROLES}, seed, data_fingerprint)
 
 
 def reference_keep_mask(pool_size: int, n_models: int, *, fraction: float, seed: int) -> np.ndarray:

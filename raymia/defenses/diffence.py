@@ -24,6 +24,7 @@ Known members / non-members are the defender-held calibration splits, never audi
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,6 +71,12 @@ class DiffenceConfig(BaseModel):
     def output_knobs(self) -> dict[str, object]:
         """``{knob: value}`` for :meth:`output_knob_names`: what a cache key or a logged protocol must record."""
         return {name: getattr(self, name) for name in self.output_knob_names()}
+
+
+def query_seed(service_seed: int, x: np.ndarray) -> int:
+    """A 31-bit seed from the service seed and the query's float32 bytes."""
+    digest = hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes() + service_seed.to_bytes(8, "little"))
+    return int.from_bytes(digest.digest()[:4], "little") & 0x7FFFFFFF
 
 
 def noised(x0: torch.Tensor, t_prime: int, abar: torch.Tensor, noise: torch.Tensor, mode: str) -> torch.Tensor:

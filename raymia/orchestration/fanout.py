@@ -26,6 +26,7 @@ import torch
 from ray import cloudpickle, tune
 
 from raymia.cache import ModelCache
+from raymia.errors import UserError
 from raymia.orchestration.cluster import ClusterInfo
 from raymia.orchestration.session import RaySession, storage_path
 from raymia.pipeline.diffence_audit import (
@@ -120,6 +121,18 @@ class FanOutTotals:
     train_flops: float = 0.0
 
 
+def user_error_in(err: BaseException | None) -> UserError | None:
+    """The :class:`UserError` a trial raised (a user's training function, weights, endpoint), unwrapped from
+    Ray's task error so the CLI reports it as one (exit code 2), or ``None`` for a genuine failure."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, UserError) and not type(err).__name__.startswith("RayTaskError"):
+            return UserError(str(err))
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
+
+
 def run_tasks(tasks: dict[str, Task], resources: dict[str, float], *, storage_path: str, experiment_name: str,
               max_concurrent: int | None = None, reuse_actors: bool = True,
               echo: Callable[[str], None] = _stderr, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
@@ -146,6 +159,9 @@ def run_tasks(tasks: dict[str, Task], resources: dict[str, float], *, storage_pa
                                   failure_config=tune.FailureConfig(max_failures=1), callbacks=[Done()]),
     )
     grid = tuner.fit()
+    for err in grid.errors:
+        if (mistake := user_error_in(err)) is not None:
+            raise mistake
     if grid.errors:
         raise TrainingFailed(f"{len(grid.errors)} of {len(tasks)} trials failed; first error:\n{grid.errors[0]}")
     return {r.metrics["task"]: r.metrics for r in grid}
@@ -219,8 +235,10 @@ def fan_out_audit(plan: AuditPlan, cache: ModelCache, session: RaySession, *, ex
     then every model's outputs through DIFFENCE. Starts Ray only for what the cache lacks."""
     cfg = plan.config
     reuse = cfg.cache.reuse
+    queried = {j.job_id for j in plan.jobs if j.given and j.target.endpoint is not None}  # asked by the driver
     with phase(timings, "cache_lookup"):
         _, missing = load_signals(plan.jobs, plan, cache) if reuse else ({}, list(plan.jobs))
+        missing = [j for j in missing if j.job_id not in queried]
         need_unet = cfg.diffence is not None and load_diffusion_model(plan, cache) is None
     totals = FanOutTotals()
     if missing or need_unet:
@@ -234,6 +252,7 @@ def fan_out_audit(plan: AuditPlan, cache: ModelCache, session: RaySession, *, ex
                              max_concurrent=cfg.compute.max_concurrent_trials, echo=echo, progress=progress)
         totals = _totals(done)
         _, still = load_signals(plan.jobs, plan, cache)
+        still = [j for j in still if j.job_id not in queried]
         if still:
             raise RuntimeError(f"{len(still)} models have no outputs in the cache after training, e.g. "
                                f"{still[0].job_id}; is cache.uri reachable from every Ray node?")
@@ -251,7 +270,8 @@ def fan_out_audit(plan: AuditPlan, cache: ModelCache, session: RaySession, *, ex
         for t in cfg.targets:
             jobs = jobs_for_target(plan, t)
             intervals[t.name] = calibrate(plan, jobs[0], unet, cache, device=device, builders=builders, reuse=reuse)
-            pending += missing_diffence_signals(jobs, plan, intervals[t.name], cache) if reuse else jobs
+            pending += [j for j in (missing_diffence_signals(jobs, plan, intervals[t.name], cache) if reuse else jobs)
+                        if j.job_id not in queried]
         if pending:
             cluster, resources = session.connect("DIFFENCE outputs")
             groups = group_jobs(pending, slots=trial_slots(cluster, resources), models_per_trial=None)

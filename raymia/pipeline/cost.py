@@ -97,9 +97,12 @@ def plan_cost(plan: AuditPlan, targets: Iterable[TargetConfig], *, skip: Sequenc
         for job in jobs:
             if job.job_id in skip:
                 continue
+            cost.queried += 1
+            if job.given:  # brought by the user: queried, never trained
+                cost.query_flops += 0.0 if job.target.endpoint is not None else 2.0 * macs * per_model
+                continue
             networks, flops = job_flops(job, plan, macs)
             cost.models, cost.networks, spent = cost.models + 1, cost.networks + networks, spent + flops
-            cost.queried += 1
             cost.query_flops += 2.0 * macs * per_model
         cost.train_flops += spent
         cost.by_target[target.name] = spent

@@ -7,6 +7,12 @@ accuracy and ECE), the calibration splits, the canaries of one-run auditing and 
 (all of them, or ``attacks.rmia.num_z`` drawn the same way), so both reports are judged against the same z.
 Label-only predictions are unchanged by construction (DIFFENCE preserves every query's label), so they are
 copied from the undefended outputs.
+
+Each query's noise is seeded from its bytes and a per-model seed (:func:`~raymia.defenses.diffence.query_seed`),
+as the Serve deployment seeds it: the target's outputs here are exactly what a deployment with the same knobs and
+``seed`` releases, so auditing that deployment over HTTP gives the same numbers; each reference model has its own
+seed (independent noise). A black-box target (``endpoint``) is taken to be the deployed DIFFENCE already: its
+outputs are used as they came, and its interval is ``diffence.interval`` (the deployment's).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from raymia.attacks.suite import population_sample
 from raymia.cache import ModelCache
 from raymia.config import TargetConfig
 from raymia.data.queries import QUERY_VIEWS
-from raymia.defenses.diffence import Diffence
+from raymia.defenses.diffence import Diffence, query_seed
 from raymia.diffusion.model import build_unet, load_cached_unet, make_noise_schedule
 from raymia.diffusion.train import train_diffusion
 from raymia.keys import content_key, derive_seed
@@ -106,6 +112,8 @@ def calibrate(plan: AuditPlan, target_job: TrainJob, unet: nn.Module, cache: Mod
     audits this configuration (a Tune trial, the driver, a local run) computes it once.
     """
     d = plan.config.diffence
+    if target_job.given and target_job.target.endpoint is not None:
+        return None if d.scenario == 3 or d.n == 0 else tuple(d.interval)  # the deployment's (checked in config)
     key = content_key({"kind": "diffence-interval", "model": target_job.key, "diffusion": unet_job(plan).key,
                        "knobs": d.output_knobs(), "rows": [plan.split["calibration_members"], plan.split["calibration"]]})
     stored = cache.load_record(key) if reuse else None
@@ -120,7 +128,15 @@ def calibrate(plan: AuditPlan, target_job: TrainJob, unet: nn.Module, cache: Mod
 
 def signals_key(job: TrainJob, plan: AuditPlan, interval: Interval) -> str:
     return content_key({"model": job.key, "diffusion": unet_job(plan).key, "interval": interval,
-                        "diffence": plan.config.diffence.output_knobs(), "rows": diffence_rows(plan)})
+                        "diffence": plan.config.diffence.output_knobs(), "rows": diffence_rows(plan),
+                        "noise": "per-query"})
+
+
+def model_seed(job: TrainJob, plan: AuditPlan) -> int:
+    """The DIFFENCE seed a model's deployment would run with: the configured one for the target (what the Serve
+    deployment of this audit's champion uses), a derived one per reference model."""
+    d = plan.config.diffence
+    return d.seed if job.role == "target" else derive_seed(d.seed, job.key)
 
 
 def produce_diffence_signals(jobs: list[TrainJob], plan: AuditPlan, unet: nn.Module, interval: Interval,
@@ -139,10 +155,15 @@ def produce_diffence_signals(jobs: list[TrainJob], plan: AuditPlan, unet: nn.Mod
         plain = cache.load_signals(job.key, plan.views_id)
         if plain is None:
             raise RuntimeError(f"{job.job_id} has no outputs in the cache; train the classifiers first")
+        if job.given and job.target.endpoint is not None:  # already what the deployed defense releases
+            cache.save_signals(key, plan.views_id, ModelSignals(plain.logits[pos], plain.label_only[pos],
+                                                                dict(plain.extra)))
+            done += 1
+            continue
         defended = make_diffence(plan, _loaded(job, plan, cache, builders), unet, interval, device)
-        x = plan.dataset.x[rows]
-        seed = derive_seed(plan.config.diffence.seed, job.key)
-        logits = np.stack([defended(QUERY_VIEWS[v](x), seed=seed + i) for i, v in enumerate(views)], axis=1)
+        seed = model_seed(job, plan)
+        views_x = [QUERY_VIEWS[v](plan.dataset.x[rows]) for v in views]
+        logits = np.stack([defended(q, seeds=[query_seed(seed, row) for row in q]) for q in views_x], axis=1)
         cache.save_signals(key, plan.views_id, ModelSignals(logits.astype(np.float32), plain.label_only[pos],
                                                             dict(plain.extra)))
         done += 1

@@ -120,7 +120,8 @@ def evaluate_pool(cfg: AuditConfig, target: TargetConfig, pool: PoolSignals, *, 
            for role in ("target_members", "test")}
     test = pool.role_mask("test")
     ref_acc = [accuracy(pool.logits[r, test, 0], pool.labels[test]) for r in pool.reference_rows]
-    extra: dict[str, float] = {f"defense.{k}": v for k, v in pool.target_extra.items()}
+    # numbers the target's training reported (defense.*) and, for an endpoint, what querying it cost (endpoint.*)
+    extra: dict[str, float] = {k if "." in k else f"defense.{k}": v for k, v in pool.target_extra.items()}
     extra["ece"] = expected_calibration_error(pool.logits[t, test, 0], pool.labels[test])
     n_loo = min(cfg.attacks.loo_targets, len(pool.reference_rows))
     for k in range(n_loo):

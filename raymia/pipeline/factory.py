@@ -24,7 +24,11 @@ from raymia.data.datasets import Dataset
 from raymia.defenses import DefenseContext, make_defense
 from raymia.pipeline.cost import forward_macs, job_flops
 from raymia.pipeline.plan import AuditPlan, TrainJob
-from raymia.signals import ModelSignals, compute_signals
+from raymia.endpoint import EndpointClient, QueryStats
+from raymia.errors import UserError
+from raymia.imports import load_callable
+from raymia.models.checkpoints import fit_state_dict, read_state_dict
+from raymia.signals import ModelSignals, compute_signals, queries_needed
 from raymia.training.ensemble import train_many
 
 Strategy = Literal["auto", "vmap", "loop"]
@@ -71,6 +75,11 @@ def train_models(jobs: Sequence[TrainJob], dataset: Dataset, *, strategy: Strate
 
         rows = first.defense_rows
         ctx = DefenseContext(dataset, rows.calibration, rows.reference, device)
+        if target.train.fn is not None:
+            fit = (builders or {}).get(target.train.fn) or load_callable(target.train.fn, field="train.fn")
+            for job in group:
+                models[job.job_id], extras[job.job_id] = user_fit(fit, build(job.seed), dataset, job, device), {}
+            continue
         if defense.multi_stage:
             for job in group:
                 result = defense.fit(build, job.train_indices, target.train, job.seed, ctx)
@@ -88,9 +97,39 @@ def train_models(jobs: Sequence[TrainJob], dataset: Dataset, *, strategy: Strate
     return models, vmapped, extras
 
 
+def user_fit(fit: Callable[..., nn.Module], model: nn.Module, dataset: Dataset, job: TrainJob,
+             device: torch.device | str) -> nn.Module:
+    """Train ``model`` with the user's ``train.fn``: ``fit(model, x [n, *shape] float32, y [n] int64, *, seed,
+    device) -> model``, on the job's rows; anything but an ``nn.Module`` of the same architecture back is a
+    :class:`UserError`."""
+    rows = job.train_indices
+    x, y = torch.from_numpy(dataset.x[rows]), torch.from_numpy(dataset.y[rows].astype("int64"))
+    torch.manual_seed(job.seed)
+    out = fit(model, x, y, seed=job.seed, device=torch.device(device))
+    if not isinstance(out, nn.Module):
+        raise UserError(f"{job.target.train.fn} returned {type(out).__name__}; it must return the trained "
+                        "torch.nn.Module (the model it was given)", field=f"targets.{job.target.name}.train.fn")
+    if set(out.state_dict()) != set(model.state_dict()):
+        raise UserError(f"{job.target.train.fn} returned a model whose parameters differ from the architecture "
+                        "it was given; train and return that model", field=f"targets.{job.target.name}.train.fn")
+    return out.cpu().eval()
+
+
+def load_given(job: TrainJob, dataset: Dataset, builders: Builders | None = None) -> nn.Module:
+    """A given target's network with the user's weights (eval mode)."""
+    t = job.target
+    model = job.build(dataset, builders=builders)
+    return fit_state_dict(model, read_state_dict(t.weights, field=f"targets.{t.name}.weights"),
+                          num_classes=dataset.num_classes, field=f"targets.{t.name}.weights",
+                          source=t.model_uri or str(t.weights))
+
+
 def load_trained(job: TrainJob, dataset: Dataset, cache: ModelCache,
                  builders: Builders | None = None) -> tuple[nn.Module, dict] | None:
-    """The job's trained classifier (eval mode) and its training extras from the cache, or ``None``."""
+    """The job's trained classifier (eval mode) and its training extras from the cache (or, for a given
+    target, its weights file), or ``None`` (also for an endpoint: there is no network here)."""
+    if job.given:
+        return None if job.target.endpoint is not None else (load_given(job, dataset, builders), {})
     cached = cache.load_model(job.key)
     if cached is None:
         return None
@@ -111,20 +150,23 @@ def produce_signals(jobs: Sequence[TrainJob], plan: AuditPlan, cache: ModelCache
     stats = FactoryStats()
     need_outputs: list[TrainJob] = []
     for job in jobs:
+        if job.given and job.target.endpoint is not None:
+            query_endpoint(job, plan, cache)  # always asked afresh: what answers at a URL can change
+            continue
         if reuse and cache.load_signals(job.key, plan.views_id) is not None:
-            stats.reused_signals += 1
+            stats.reused_signals += 0 if job.given else 1
         else:
             need_outputs.append(job)
     models: dict[str, nn.Module] = {}
     extras: dict[str, dict[str, float]] = {}
     to_train: list[TrainJob] = []
     for job in need_outputs:
-        loaded = load_trained(job, dataset, cache, builders) if reuse else None
+        loaded = load_trained(job, dataset, cache, builders) if reuse or job.given else None
         if loaded is None:
             to_train.append(job)
             continue
         models[job.job_id], extras[job.job_id] = loaded
-        stats.reused_models += 1
+        stats.reused_models += 0 if job.given else 1  # a given target was never the factory's to train
     trained, stats.vmapped, trained_extras = train_models(to_train, dataset, strategy=cfg.reference.strategy,
                                                           device=device, builders=builders)
     macs: dict[str, int] = {}
@@ -143,6 +185,22 @@ def produce_signals(jobs: Sequence[TrainJob], plan: AuditPlan, cache: ModelCache
         cache.save_signals(job.key, plan.views_id, dataclasses.replace(signals, extra=extras[job.job_id]))
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def query_endpoint(job: TrainJob, plan: AuditPlan, cache: ModelCache) -> QueryStats:
+    """Ask a black-box target's endpoint for its outputs on the plan's scored rows (every query view, and the
+    label-only views where the label-only attack reads them) and cache them, with the query counts as extras."""
+    cfg, x = plan.config, plan.dataset.x[plan.scored_indices]
+    client = EndpointClient(job.target.endpoint, where=f"targets.{job.target.name}.endpoint")
+    client.planned(queries_needed(len(x), list(cfg.attacks.queries), cfg.attacks.label_only, x[:1], plan.label_rows))
+    signals = compute_signals([client.logits], x, list(cfg.attacks.queries), cfg.attacks.label_only,
+                              label_rows=plan.label_rows)[0]
+    if signals.logits.shape[-1] != plan.dataset.num_classes:
+        raise UserError(f"{client.config.url} returns {signals.logits.shape[-1]} outputs per sample, the dataset "
+                        f"has {plan.dataset.num_classes} classes; audit the endpoint on the data it serves",
+                        field=f"targets.{job.target.name}.endpoint")
+    cache.save_signals(job.key, plan.views_id, dataclasses.replace(signals, extra=client.stats.as_metrics()))
+    return client.stats
 
 
 def load_signals(jobs: Sequence[TrainJob], plan: AuditPlan, cache: ModelCache

@@ -8,6 +8,8 @@ configuration (:func:`defended_spec`) is worked out here once and read from the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +26,9 @@ from raymia.data.queries import is_image, views_fingerprint
 from raymia.data.splits import SplitPlan, make_split_plan, reference_keep_mask
 from raymia.defenses import DefenseConfig, make_defense
 from raymia.errors import UserError
-from raymia.imports import is_import_path
+from raymia.data.rows import read_rows
+from raymia.imports import is_import_path, load_callable
+from raymia.models.checkpoints import file_digest, fit_state_dict, read_state_dict
 from raymia.keys import content_key, derive_seed
 from raymia.models.classifiers import (
     ModelSpec,
@@ -80,7 +84,18 @@ class TrainJob:
         return defended_spec(self.target)
 
     @property
+    def given(self) -> bool:
+        """A target the user brings (weights or an endpoint): loaded or queried, never trained."""
+        return self.role == "target" and self.target.given
+
+    @property
     def key(self) -> str:
+        if self.given:
+            t = self.target
+            source = ({"endpoint": t.endpoint.model_dump(mode="json", exclude={"headers"})} if t.endpoint is not None
+                      else {"weights": file_digest(t.weights), "model": t.model.model_dump(mode="json")})
+            return content_key({"given": source, "data": self.data_fingerprint,
+                                "indices": np.asarray(self.train_indices, dtype=np.int64), "code": raymia.__version__})
         uses_rows = make_defense(self.target.defense).uses_context_rows
         return content_key({
             "model": self.target.model.model_dump(mode="json"),
@@ -91,6 +106,7 @@ class TrainJob:
             "indices": np.asarray(self.train_indices, dtype=np.int64),
             "seed": self.seed,
             "group": list(self.group_seeds),
+            "train_fn": train_fn_digest(self.target.train.fn),
             "code": raymia.__version__,
         })
 
@@ -147,9 +163,32 @@ class AuditPlan:
         return [j for j in self.jobs if j.target.name == target]
 
 
+def train_fn_digest(path: str | None) -> str | None:
+    """``"package.module:fit"`` and a hash of its module's source: a changed training function retrains."""
+    if path is None:
+        return None
+    fn = load_callable(path, field="train.fn")
+    try:
+        source = inspect.getsource(inspect.getmodule(fn))
+    except (OSError, TypeError):
+        source = getattr(fn, "__qualname__", path)
+    return f"{path}@{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+
+#: TargetConfig fields that say where a given target comes from, not how models like it are trained.
+SOURCE_FIELDS = {"name", "weights", "model_uri", "allow_pickle", "endpoint"}
+
+
 def check_target(target: TargetConfig, dataset: Dataset, *, field: str) -> None:
     """Build the target's (defended) architecture and run it once, so bad plug-ins or incompatible defenses fail
-    before training."""
+    before training; a given target's weights must fit it."""
+    if target.train.fn is not None:
+        load_callable(target.train.fn, field=f"{field}.train.fn")
+    if target.weights is not None:
+        model = build_model(defended_spec(target), dataset.input_shape, dataset.num_classes)
+        fit_state_dict(model, read_state_dict(target.weights, field=f"{field}.weights"),
+                       num_classes=dataset.num_classes, field=f"{field}.weights",
+                       source=target.model_uri or str(target.weights))
     spec = defended_spec(target)
     check_model(spec, dataset.input_shape, dataset.num_classes, field=f"{field}.model")
     make_defense(target.defense).check(build_model(spec, dataset.input_shape, dataset.num_classes),
@@ -193,12 +232,34 @@ def _split(cfg: AuditConfig, dataset: Dataset) -> SplitPlan:
     fractions = cfg.split.fractions()
     m = cfg.audit.canaries if cfg.audit.mode == "one_run" else 0
     fractions["canaries"] = (m + 0.5) / len(dataset) if m else 0.0
+    members, nonmembers = given_membership(cfg, len(dataset))
     try:
-        split = make_split_plan(len(dataset), fractions, seed=cfg.seed, data_fingerprint=dataset.fingerprint())
-    except ValueError:
+        split = make_split_plan(len(dataset), fractions, seed=cfg.seed, data_fingerprint=dataset.fingerprint(),
+                                members=members, nonmembers=nonmembers)
+    except ValueError as exc:
+        if members is not None:
+            raise UserError(f"{exc}: beside the {len(members)} given members"
+                            + (f" and {len(nonmembers)} non-members" if nonmembers is not None else "")
+                            + f", the other roles' fractions of the {len(dataset)} samples do not fit; lower them",
+                            field="split") from None
         raise UserError(f"{m} canaries do not fit beside the split fractions in {len(dataset)} samples; lower "
                         "audit.canaries or the split fractions", field="audit.canaries") from None
     return split
+
+
+def given_membership(cfg: AuditConfig, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The rows of ``split.members`` and ``split.nonmembers`` (checked: in range, distinct, disjoint)."""
+    if cfg.split.members is None:
+        return None, None
+    members = read_rows(cfg.split.members, n, field="split.members")
+    if cfg.split.nonmembers is None:
+        return members, None
+    nonmembers = read_rows(cfg.split.nonmembers, n, field="split.nonmembers")
+    both = np.intersect1d(members, nonmembers)
+    if len(both):
+        raise UserError(f"{len(both)} rows are both members and non-members, e.g. {int(both[0])}; a non-member must "
+                        "be a row the model never trained on", field="split.nonmembers")
+    return members, nonmembers
 
 
 def mislabelled(dataset: Dataset, rows: np.ndarray, *, seed: int) -> Dataset:
@@ -217,7 +278,10 @@ def jobs_for_target(plan: AuditPlan, target: TargetConfig) -> list[TrainJob]:
     rows = DefenseRows(split["calibration"], split["defender_reference"])
     # seeds follow what is trained, not the configuration's name: a renamed configuration (e.g. "<name>+diffence")
     # maps to the same models in the cache
-    recipe = json.dumps(target.model_dump(mode="json", exclude={"name"}), sort_keys=True)
+    trained = target.model_dump(mode="json", exclude=SOURCE_FIELDS)
+    if trained["train"].get("fn") is None:
+        trained["train"].pop("fn", None)  # seeds of configs without train.fn are what they always were
+    recipe = json.dumps(trained, sort_keys=True)
     seeds = [derive_seed(cfg.seed, recipe, "target")]
     seeds += [derive_seed(cfg.seed, recipe, "reference", k) for k in range(cfg.reference.count)]
     # fixed training groups: the models in order, in as few near-equal groups as group_size allows
@@ -234,11 +298,17 @@ def jobs_for_target(plan: AuditPlan, target: TargetConfig) -> list[TrainJob]:
 
 
 def plugin_builders(cfg: AuditConfig) -> dict[str, Callable[..., nn.Module]]:
-    """The user architectures (``module:function``) the config names, resolved once here."""
+    """The user architectures (``module:function``) and training functions (``train.fn``) the config names,
+    resolved once here (by their import paths)."""
     specs = [(f"targets.{i}.model", t.model) for i, t in enumerate(cfg.targets)]
     if cfg.sweep is not None:
         specs.append(("sweep.base.model", cfg.sweep.base.model))
-    return {spec.arch: resolve_builder(spec, field=field) for field, spec in specs if is_import_path(spec.arch)}
+    out = {spec.arch: resolve_builder(spec, field=field) for field, spec in specs if is_import_path(spec.arch)}
+    recipes = [(f"targets.{i}.train.fn", t.train) for i, t in enumerate(cfg.targets)]
+    if cfg.sweep is not None:
+        recipes.append(("sweep.base.train.fn", cfg.sweep.base.train))
+    out.update({r.fn: load_callable(r.fn, field=field) for field, r in recipes if r.fn is not None})
+    return out
 
 
 _DEFENSE = TypeAdapter(DefenseConfig)

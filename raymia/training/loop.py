@@ -35,6 +35,9 @@ class TrainRecipe(BaseModel):
     augment: Literal["none", "flip", "flip_crop"] = "none"
     crop_padding: int = Field(4, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
+    fn: str | None = Field(None, description="your own training function 'package.module:fit', called as "
+                           "fit(model, x, y, *, seed, device) -> model instead of raymia's loop (the fields above "
+                           "are then unused)")
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         """bf16 autocast on ``device`` when ``precision: bf16``, else a no-op."""
