@@ -247,3 +247,23 @@ def test_bad_input_is_a_message_naming_the_field_and_exit_code_2(case, trained, 
                                   filter_string="tags.mlflow.runName = 'own'")
         assert runs and all(r.info.status == "FAILED" for r in runs)  # the parent run, never left RUNNING
         assert not list((tmp_path / "runs").glob("*/report.html"))  # nothing half-written
+
+
+def test_the_readme_example_runs_as_written(tmp_path):
+    """examples/own-model: train outside raymia with plain PyTorch, then the dozen-line config (README)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "own-model"
+    for f in ("mymodel.py", "train.py", "audit.yaml"):
+        shutil.copy(example / f, tmp_path / f)
+    env = {**os.environ, "PYTHONPATH": "."}
+    subprocess.run([sys.executable, "train.py"], cwd=tmp_path, env=env, check=True, timeout=300)
+    raymia = str(Path(sys.executable).with_name("raymia"))
+    done = subprocess.run([raymia, "audit", "audit.yaml", "--local", "--set", "reference.count=4"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mine" in done.stdout and "MLflow parent run:" in done.stdout
