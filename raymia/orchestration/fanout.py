@@ -173,7 +173,8 @@ def _classifier_task(jobs: list[TrainJob], plan: AuditPlan, cache: ModelCache, b
         stats = produce_signals(jobs, plan, cache, reuse=reuse, device=resolve_device(plan.config.compute.device),
                                 builders=builders)
         reused = stats.reused_models + stats.reused_signals
-        return {"trained": len(stats.trained), "train_flops": stats.train_flops, "models": len(jobs),
+        return {"trained": len(stats.trained), "train_flops": stats.train_flops,
+                "models": sum(not j.given for j in jobs),  # a given target is not the factory's to make
                 "line": f"{len(jobs)} models ({len(stats.trained)} trained, "
                 f"{stats.vmapped} vmapped, {reused} reused)"}
     return task
