@@ -4,7 +4,7 @@ Images enter diffusion models in [-1, 1] (``to_model_range``); datasets hold the
 Presets: ``tiny`` (two resolutions, 32/64 channels, no attention: digits-sized, trains in minutes on a CPU) and
 ``ddpm_cifar`` (the pytorch-ddpm CIFAR-10 network of Ho et al.: channels 128-256-256-256, two residual blocks
 per resolution, attention at 16x16, dropout 0.1; 35.7M parameters — for GPUs). ``auto`` picks ``tiny`` below
-16x16 pixels and ``ddpm_cifar`` otherwise.
+16x16 pixels or with sides not divisible by 8 (28x28 Fashion-MNIST), ``ddpm_cifar`` otherwise.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class DiffusionSpec(BaseModel):
     def resolved(self, input_shape: tuple[int, ...]) -> str:
         if self.preset != "auto":
             return self.preset
-        return "tiny" if min(input_shape[1:]) < 16 else "ddpm_cifar"
+        h, w = input_shape[1:]
+        return "tiny" if min(h, w) < 16 or h % 8 or w % 8 else "ddpm_cifar"  # e.g. 28x28 Fashion-MNIST: tiny
 
 
 def build_unet(spec: DiffusionSpec, input_shape: tuple[int, ...], *, seed: int | None = None) -> UNet2DModel:
