@@ -130,15 +130,17 @@ class Toy(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - the http.server API
         srv = self.server
-        srv.requests += 1
+        with srv.lock:  # concurrent requests: each sees its own number
+            srv.requests += 1
+            number = srv.requests
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         x = torch.tensor(body["instances"], dtype=torch.float32)
         with torch.no_grad():
             p = torch.softmax(srv.model(x).double(), dim=1).numpy()
         mode = srv.mode
-        if mode == "flaky" and srv.requests == 1 or mode == "fail_after" and srv.requests > 3:
+        if mode == "flaky" and number == 1 or mode == "fail_after" and number > 3:
             return self._send(503, b'{"error": "overloaded"}')
-        if mode == "malformed_after" and srv.requests > 3:
+        if mode == "malformed_after" and number > 3:
             return self._send(200, b"<html>oops</html>")
         if mode == "bad_sum":
             p = p * 2
@@ -155,7 +157,7 @@ class Toy(BaseHTTPRequestHandler):
 @pytest.fixture
 def toy_server(trained):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Toy)
-    srv.model, srv.mode, srv.requests = trained["model"], "ok", 0
+    srv.model, srv.mode, srv.requests, srv.lock = trained["model"], "ok", 0, threading.Lock()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
