@@ -63,7 +63,8 @@ bench: install          ## time the quickstart by phase
 	$(PY) benchmarks/quickstart.py
 
 ui: install             ## browse results: http://127.0.0.1:5000 (runs table: see docs/mlflow.md)
-	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	@echo "open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning, or an experiment in raymia's view:"
+	@$(PY) -c "from raymia.tracking import ui_links; print('\\n'.join(ui_links('sqlite:///$(CURDIR)/mlflow.db', 'http://127.0.0.1:5000')))"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 	  --host 127.0.0.1 --port 5000 --workers 1
 

@@ -69,6 +69,14 @@ MODEL_FORMAT_KEY = "raymia_format"
 #: Tells the MLflow UI that an experiment is model training (it opens on the runs table, not GenAI traces).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
+#: A saved runs-table view written to every experiment (MLflow's shared view state: an experiment tag that the UI
+#: opens with ``…/runs?viewStateShareKey=raymia``): the model and the headline metrics as columns, children
+#: grouped under their audit (sorting by a metric would flatten the groups).
+RUNS_VIEW_KEY = "raymia"
+HEADLINE_METRICS = ("test_acc", "mia.best.auc", "mia.best.tpr_at_0.1pct_fpr")
+RUNS_VIEW = {f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps({
+    "selectedColumns": ["attributes.`Models`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS)]})}
+
 #: Split roles logged as each target run's MLflow dataset inputs, with their ``mlflow.data.context``.
 DATASET_CONTEXTS = {"target_members": "members", "target_nonmembers": "non-members", "population": "population"}
 DIGEST_CHARS = 32  # MLflow stores dataset digests of at most 36 characters: the split hash's first 128 bits
@@ -574,9 +582,10 @@ def audit_run(cfg: RunConfig, tracking_uri: str, *,
     name = cfg.tracking.experiment
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        name, artifact_location=_artifact_location(tracking_uri, name), tags=EXPERIMENT_KIND)
-    if exp is not None and not exp.tags.get("mlflow.experimentKind"):
-        client.set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
+        name, artifact_location=_artifact_location(tracking_uri, name), tags={**EXPERIMENT_KIND, **RUNS_VIEW})
+    for key, value in {**EXPERIMENT_KIND, **RUNS_VIEW}.items():
+        if exp is not None and key not in exp.tags:
+            client.set_experiment_tag(exp_id, key, value)
     run = client.create_run(exp_id, run_name=cfg.name, tags={"raymia.version": raymia.__version__,
                                                              "raymia.kind": "audit", **(tags or {})})
     audit = AuditRun(client, exp_id, run.info.run_id, tracking_uri)
@@ -625,3 +634,11 @@ def open_run(tracking_uri: str, run_id: str) -> Iterator[StoredAudit]:
     if run.data.tags.get("raymia.kind") != "audit":
         raise UserError(f"run '{run_id}' is not a raymia audit parent run")
     yield StoredAudit(client, run)
+
+
+def ui_links(tracking_uri: str, base: str) -> list[str]:
+    """``name: URL`` of each raymia experiment in the store, opening the MLflow UI on raymia's runs view."""
+    client = MlflowClient(tracking_uri)
+    return [f"{e.name}: {base}/#/experiments/{e.experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+            "&workflowType=machine_learning"
+            for e in client.search_experiments() if any(k in e.tags for k in RUNS_VIEW)]

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from raymia.errors import UserError
 from raymia.registry import load_bundle, load_champion
 from raymia.signals import PoolSignals
-from raymia.tracking import DIGEST_CHARS
+from raymia.tracking import DIGEST_CHARS, ui_links
 
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".joblib", ".cloudpickle", ".ckpt"}
 
@@ -86,6 +86,9 @@ def test_metrics_and_datasets_are_linked_to_each_model_and_run(browsable_audit):
     parent = client.get_run(outcome.run_id)
     exp = client.get_experiment(parent.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert ui_links(outcome.tracking_uri, "http://h") == [  # what `make ui` prints: raymia's view of the runs
+        f"{exp.name}: http://h/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=raymia"
+        "&workflowType=machine_learning"]
     assert "browse-audit" in parent.data.tags["mlflow.note.content"] and "mia.best.auc" in parent.data.tags[
         "mlflow.note.content"]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{outcome.run_id}'")

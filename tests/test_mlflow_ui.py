@@ -7,6 +7,7 @@ import re
 import pytest
 from mlflow.tracking import MlflowClient
 
+from raymia.tracking import HEADLINE_METRICS, RUNS_VIEW_KEY
 from tests.browser import chromium, missing_browser, mlflow_ui, shoot
 
 pytestmark = pytest.mark.skipif(missing_browser() is not None, reason=str(missing_browser()))
@@ -50,7 +51,22 @@ def test_experiment_opens_on_the_runs_table_with_parent_and_children(site):
     for name in ("mlp", "mlp+diffence"):
         page.get_by_text(name, exact=True).first.wait_for(timeout=WAIT)
     page.get_by_text("digits.target_members").first.wait_for(timeout=WAIT)  # the Dataset column
+    page.close()
+
+
+def test_raymias_saved_view_shows_the_headline_metrics_as_columns(site):
+    # MLflow's default columns hold no metric; the view raymia writes to the experiment adds the headline ones
+    page = _page(site, f"/#/experiments/{site['exp']}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+                       "&workflowType=machine_learning")
+    page.get_by_text("browse-audit", exact=True).first.wait_for(timeout=WAIT)
     _hide_assistant(page)
+    header = page.locator("[role='columnheader']")
+    for metric in HEADLINE_METRICS:
+        header.filter(has_text=metric).first.wait_for(timeout=WAIT)
+    page.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+    page.get_by_text("mlp+diffence", exact=True).first.wait_for(timeout=WAIT)
+    auc = site["children"]["mlp"].data.metrics["mia.best.auc"]
+    page.get_by_text(f"{auc:.3f}"[:4]).first.wait_for(timeout=WAIT)  # a child's value in the table
     shoot(page, "mlflow-runs", site["shots"])
     page.close()
 
