@@ -213,12 +213,18 @@ def _diffusion_task(plan: AuditPlan, cache: ModelCache) -> Task:
     return task
 
 
+def _largest_node_cpus() -> float:
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+
+
 def diffusion_model_on_ray(plan: AuditPlan, cache: ModelCache, session: RaySession, *, experiment_name: str,
                            echo: Callable[[str], None] = _stderr) -> Any:
     """DIFFENCE's diffusion model: from the cache, or trained as a Tune trial (which stores it there) first."""
     unet = load_diffusion_model(plan, cache)
     if unet is None:
         _, resources = session.connect("the diffusion model for DIFFENCE")
+        if not resources["gpu"]:  # it trains alone before anything else: give it a whole node's CPUs
+            resources = {**resources, "cpu": max(resources["cpu"], _largest_node_cpus())}
         run_tasks({"diffusion-model": _diffusion_task(plan, cache)}, resources, storage_path=storage_path(plan.config),
                   experiment_name=experiment_name, echo=echo)
         unet = load_diffusion_model(plan, cache)
