@@ -123,6 +123,9 @@ def run_sweep(plan: AuditPlan, targets: list[TargetConfig], cache: ModelCache, r
         if result.error is not None:
             out.failed.append((name, f"{type(result.error).__name__}: {result.error}"[:2000]))
             continue
+        if sweep.objective == "audit" and result.checkpoint is None:  # Tune took Ctrl-C and stopped this trial
+            echo(f"the sweep was interrupted; run the same command again to resume it from {path}")
+            raise KeyboardInterrupt
         out.finals.append({**result.metrics, "target": name})
         if sweep.objective == "audit":
             with result.checkpoint.as_directory() as d:
