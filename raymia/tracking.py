@@ -76,6 +76,7 @@ RUNS_VIEW_KEY = "raymia"
 HEADLINE_METRICS = ("test_acc", "mia.best.auc", "mia.best.tpr_at_0.1pct_fpr")
 RUNS_VIEW = {f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps({
     "selectedColumns": ["attributes.`Models`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS)]})}
+EXPERIMENT_TAGS = {**EXPERIMENT_KIND, **RUNS_VIEW}  # written on creation, and added to older experiments
 
 #: Split roles logged as each target run's MLflow dataset inputs, with their ``mlflow.data.context``.
 DATASET_CONTEXTS = {"target_members": "members", "target_nonmembers": "non-members", "population": "population"}
@@ -582,9 +583,9 @@ def audit_run(cfg: RunConfig, tracking_uri: str, *,
     name = cfg.tracking.experiment
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        name, artifact_location=_artifact_location(tracking_uri, name), tags={**EXPERIMENT_KIND, **RUNS_VIEW})
-    for key, value in {**EXPERIMENT_KIND, **RUNS_VIEW}.items():
-        if exp is not None and key not in exp.tags:
+        name, artifact_location=_artifact_location(tracking_uri, name), tags=EXPERIMENT_TAGS)
+    for key, value in EXPERIMENT_TAGS.items() if exp is not None else ():
+        if key not in exp.tags:
             client.set_experiment_tag(exp_id, key, value)
     run = client.create_run(exp_id, run_name=cfg.name, tags={"raymia.version": raymia.__version__,
                                                              "raymia.kind": "audit", **(tags or {})})
