@@ -69,13 +69,38 @@ MODEL_FORMAT_KEY = "raymia_format"
 #: Tells the MLflow UI that an experiment is model training (it opens on the runs table, not GenAI traces).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
-#: A saved runs-table view written to every experiment (MLflow's shared view state: an experiment tag that the UI
-#: opens with ``…/runs?viewStateShareKey=raymia``): the model and the headline metrics as columns, children
-#: grouped under their audit (sorting by a metric would flatten the groups).
+#: A saved view written to every experiment (MLflow's shared view state: an experiment tag that the UI opens with
+#: ``…/runs?viewStateShareKey=raymia``). Table: the model and the headline metrics as columns, children grouped
+#: under their audit (sorting by a metric would flatten the groups). Charts: a "Privacy vs utility" section first
+#: (the frontier scatter and one bar chart per headline metric); MLflow's one chart per other metric goes to the
+#: "Model metrics" section below it, collapsed.
 RUNS_VIEW_KEY = "raymia"
 HEADLINE_METRICS = ("test_acc", "mia.best.auc", "mia.best.tpr_at_0.1pct_fpr")
+HEADLINE_SECTION = "Privacy vs utility"
+
+
+def _chart(kind: str, key: str, **fields: object) -> dict[str, object]:
+    """One card of MLflow's chart view (its ``compareRunCharts`` entries), in the headline section."""
+    return {"type": kind, "uuid": f"raymia-{key}", "metricSectionId": "raymia-headline", "isGenerated": False,
+            "deleted": False, "runsCountToCompare": 100, **fields}
+
+
+def _section(uuid: str, name: str, expanded: bool) -> dict[str, object]:
+    return {"uuid": uuid, "name": name, "display": expanded, "isReordered": False, "deleted": False,
+            "isGenerated": False}
+
+
 RUNS_VIEW = {f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps({
-    "selectedColumns": ["attributes.`Models`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS)]})}
+    "selectedColumns": ["attributes.`Models`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS)],
+    "runsHiddenMode": "SHOW_ALL",  # charts plot every run (MLflow's default: the first 10)
+    "compareRunCharts": [
+        _chart("SCATTER", "frontier", xaxis={"key": "test_acc", "type": "METRIC"},  # the privacy-utility plane
+               yaxis={"key": "mia.best.auc", "type": "METRIC"}),
+        *(_chart("BAR", m, metricKey=m, displayName=m) for m in HEADLINE_METRICS)],
+    # the two sections MLflow files generated charts under must be listed, or their charts are dropped
+    "compareRunSections": [_section("raymia-headline", HEADLINE_SECTION, True),
+                           _section("raymia-model-metrics", "Model metrics", False),
+                           _section("raymia-system-metrics", "System metrics", False)]})}
 EXPERIMENT_TAGS = {**EXPERIMENT_KIND, **RUNS_VIEW}  # written on creation, and added to older experiments
 
 #: Split roles logged as each target run's MLflow dataset inputs, with their ``mlflow.data.context``.
@@ -585,7 +610,7 @@ def audit_run(cfg: RunConfig, tracking_uri: str, *,
     exp_id = exp.experiment_id if exp else client.create_experiment(
         name, artifact_location=_artifact_location(tracking_uri, name), tags=EXPERIMENT_TAGS)
     for key, value in EXPERIMENT_TAGS.items() if exp is not None else ():
-        if key not in exp.tags:
+        if key not in exp.tags or key in RUNS_VIEW and exp.tags[key] != value:  # an older raymia's view: ours
             client.set_experiment_tag(exp_id, key, value)
     run = client.create_run(exp_id, run_name=cfg.name, tags={"raymia.version": raymia.__version__,
                                                              "raymia.kind": "audit", **(tags or {})})

@@ -131,3 +131,20 @@ def test_plain_champion_is_served_with_its_diffence_siblings_interval(browsable_
     assert champ.unet is not None and champ.version == "raymia-digits/1"
     assert champ.interval == pytest.approx((sibling.data.metrics["diffence.interval_low"],
                                             sibling.data.metrics["diffence.interval_high"]))
+
+
+def test_an_older_raymia_view_is_replaced_and_the_users_experiment_kind_kept(tmp_path):
+    from raymia.config import parse_config
+    from raymia.tracking import RUNS_VIEW, audit_run
+    from tests.conftest import tiny_config
+
+    cfg = parse_config(tiny_config(tmp_path))
+    client = MlflowClient(cfg.tracking.uri)
+    view_key = next(iter(RUNS_VIEW))
+    client.create_experiment(cfg.tracking.experiment, tags={view_key: '{"selectedColumns": []}',
+                                                            "mlflow.experimentKind": "genai_development"})
+    with audit_run(cfg, cfg.tracking.uri):
+        pass
+    tags = client.get_experiment_by_name(cfg.tracking.experiment).tags
+    assert tags[view_key] == RUNS_VIEW[view_key]  # this version's view (with its charts)
+    assert tags["mlflow.experimentKind"] == "genai_development"  # the user's choice is theirs

@@ -7,7 +7,7 @@ import re
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raymia.tracking import HEADLINE_METRICS, RUNS_VIEW_KEY
+from raymia.tracking import HEADLINE_METRICS, HEADLINE_SECTION, RUNS_VIEW_KEY
 from tests.browser import chromium, missing_browser, mlflow_ui, shoot
 
 pytestmark = pytest.mark.skipif(missing_browser() is not None, reason=str(missing_browser()))
@@ -68,6 +68,25 @@ def test_raymias_saved_view_shows_the_headline_metrics_as_columns(site):
     auc = site["children"]["mlp"].data.metrics["mia.best.auc"]
     page.get_by_text(str(auc)[:6]).first.wait_for(timeout=WAIT)  # a child's value in the table (shown unrounded)
     shoot(page, "mlflow-runs", site["shots"])
+    page.close()
+
+
+def test_raymias_saved_view_opens_the_charts_on_privacy_against_utility(site):
+    # MLflow's chart view draws one chart per metric (over a hundred for an audit, alphabetically); raymia's view
+    # puts the accuracy-vs-AUC scatter and the headline bars first and collapses the rest
+    page = _page(site, f"/#/experiments/{site['exp']}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+                       "&compareRunsMode=CHART&workflowType=machine_learning")
+    page.get_by_text(HEADLINE_SECTION, exact=True).first.wait_for(timeout=WAIT)
+    _hide_assistant(page)
+    page.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # the children's values
+    page.get_by_text("test_acc vs. mia.best.auc", exact=True).first.wait_for(timeout=WAIT)
+    for metric in HEADLINE_METRICS:
+        page.get_by_text(metric, exact=True).first.wait_for(timeout=WAIT)
+    sections = {name: page.locator("[role='button'][aria-expanded]").filter(has_text=name).first
+                for name in (HEADLINE_SECTION, "Model metrics")}
+    assert sections[HEADLINE_SECTION].get_attribute("aria-expanded") == "true"
+    assert sections["Model metrics"].get_attribute("aria-expanded") == "false"  # every other metric, collapsed
+    shoot(page, "mlflow-charts", site["shots"])
     page.close()
 
 
