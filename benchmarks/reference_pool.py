@@ -4,14 +4,14 @@
     .venv/bin/python benchmarks/reference_pool.py --arch cnn --k 8     # the same for small CNNs
     .venv/bin/python benchmarks/reference_pool.py --mode tune          # digits: Tune fan-out arms (below)
 
-``--mode local`` (default) trains the same K models of the same recipe on the same rows three ways, one after
+``--mode local`` (default) trains the same K models of the same recipe on the same rows in each arm, one after
 another in this process, and prints models/minute, the ratio to the peer's way and floor/time:
 
 (a) **the peer's way**: a plain sequential PyTorch loop, one model after another, a ``DataLoader`` over a
     ``TensorDataset`` with ``shuffle=True`` and Adam — what ML Privacy Meter and LeakPro do, and what a user
     would write; also (a') the same loop slicing tensors instead of a DataLoader (a careful user);
 (b) **raymia's factory** (``raymia.pipeline.factory.train_models``: fixed groups of ``reference.group_size``
-    models, vmapped where that pays);
+    models, vmapped where that pays); also forced to a loop (b') and to vmap (b'') to show what its choice buys;
 (c) **the FLOP floor**: counted training FLOPs (forward + backward = 3 x the forward's multiply-adds x 2) of all
     K models divided by the dense fp32 matmul rate measured in the same run on the same threads.
 
@@ -125,6 +125,7 @@ def local_mode(args: argparse.Namespace) -> None:
         ("(a') plain loop, tensor slices", lambda: peer_loop(build, x, y, sets, seeds, dataloader=False, **recipe)),
         ("(b) raymia factory", lambda: train_models(jobs, plan.dataset)),
         ("(b') raymia factory, strategy loop", lambda: train_models(jobs, plan.dataset, strategy="loop")),
+        ("(b'') raymia factory, strategy vmap", lambda: train_models(jobs, plan.dataset, strategy="vmap")),
     ]:
         start = time.perf_counter()
         out = run()
