@@ -71,3 +71,29 @@ def test_utility_sweep_with_asha_reports_accuracy_only(ray_local, tmp_path):
     assert len(children) == 4 and all(c.data.tags["raymia.kind"] == "utility" for c in children)
     assert all(0 < c.data.metrics["val_acc"] <= 1 for c in children)
     assert not outcome.reports and "test acc" in outcome.summary()
+
+
+def test_ctrl_c_during_a_sweep_stops_it_as_interrupted_not_as_finished(ray_local, tmp_path):
+    # Tune's own SIGINT handler stops the running trials and returns as if the sweep had finished: a utility
+    # trial's last epoch would pass for its result (or a pending trial's missing one raise a KeyError)
+    import os
+    import signal
+
+    raw = _sweep_config(tmp_path, objective="utility", scheduler="asha",
+                        defenses=[{"name": "none"}, {"name": "label_smoothing", "epsilon": {"grid": [0.1, 0.2, 0.3]}}])
+    del raw["champion"]
+    lines, before = [], signal.getsignal(signal.SIGINT)
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if line.startswith("[1/"):  # the first trial is done, the others running or pending: press Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(parse_config(raw), echo=echo)
+    assert any("interrupted; run the same command again to resume" in line for line in lines)
+    client = MlflowClient(raw["tracking"]["uri"])
+    parent = client.search_runs([client.get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id],
+                                "tags.`raymia.kind` = 'audit'")[0]
+    assert parent.info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is before  # the next Ctrl-C is not swallowed by Tune's stale handler

@@ -12,7 +12,9 @@ so a local run of the same sweep audits exactly the same configurations.
 
 from __future__ import annotations
 
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +92,18 @@ def run_sweep(plan: AuditPlan, targets: list[TargetConfig], cache: ModelCache, r
     if sweep.scheduler == "asha":
         scheduler = ASHAScheduler(metric="val_acc", mode="max", max_t=sweep.base.train.epochs,
                                   grace_period=max(1, sweep.base.train.epochs // 8))
-    done = {"n": 0}
+    done = {"n": 0, "interrupted": False}  # plain values: Tune pickles its callbacks with the experiment state
 
     class Progress(tune.Callback):
+        def setup(self, **info: Any) -> None:
+            """Note a Ctrl-C: Tune's own handler (installed by now) stops every trial as if it had finished."""
+            tune_handler = signal.getsignal(signal.SIGINT)
+            if callable(tune_handler) and threading.current_thread() is threading.main_thread():
+                def note_interrupt(sig: int, frame: Any) -> None:
+                    done["interrupted"] = True
+                    tune_handler(sig, frame)
+                signal.signal(signal.SIGINT, note_interrupt)
+
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             done["n"] += 1
             r = trial.last_result
@@ -118,12 +129,20 @@ def run_sweep(plan: AuditPlan, targets: list[TargetConfig], cache: ModelCache, r
                                       failure_config=tune.FailureConfig(max_failures=1), callbacks=[Progress()]),
         )
     out = SweepResults([], [], [], [])
-    for result in tuner.fit():
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        results = tuner.fit()
+    finally:  # Tune leaves its handler installed after a normal finish, which would swallow the next Ctrl-C
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
+    for result in results:
         name = result.config["configuration"]
         if result.error is not None:
             out.failed.append((name, f"{type(result.error).__name__}: {result.error}"[:2000]))
             continue
-        if sweep.objective == "audit" and result.checkpoint is None:  # Tune took Ctrl-C and stopped this trial
+        # Ctrl-C: Tune stopped the running trials (an audit trial then has no checkpoint; a utility trial's
+        # last epoch would pass for its result) and returned as if the sweep had finished
+        if done["interrupted"] or sweep.objective == "audit" and result.checkpoint is None:
             echo(f"the sweep was interrupted; run the same command again to resume it from {path}")
             raise KeyboardInterrupt
         out.finals.append({**result.metrics, "target": name})
