@@ -60,10 +60,16 @@ def test_sweep_audits_each_configuration_and_registers_the_champion(ray_local, t
                                atol=1e-5)
 
 
-def test_utility_sweep_with_asha_reports_accuracy_only(ray_local, tmp_path):
+def _utility_sweep_config(tmp_path):
+    """Four label-smoothing configurations ranked by validation accuracy, ASHA stopping the weak ones early."""
     raw = _sweep_config(tmp_path, objective="utility", scheduler="asha",
                         defenses=[{"name": "none"}, {"name": "label_smoothing", "epsilon": {"grid": [0.1, 0.2, 0.3]}}])
     del raw["champion"]
+    return raw
+
+
+def test_utility_sweep_with_asha_reports_accuracy_only(ray_local, tmp_path):
+    raw = _utility_sweep_config(tmp_path)
     outcome = run_audit(parse_config(raw), **QUIET)
     client = MlflowClient(outcome.tracking_uri)
     exp = client.get_run(outcome.run_id).info.experiment_id
@@ -79,9 +85,7 @@ def test_ctrl_c_during_a_sweep_stops_it_as_interrupted_not_as_finished(ray_local
     import os
     import signal
 
-    raw = _sweep_config(tmp_path, objective="utility", scheduler="asha",
-                        defenses=[{"name": "none"}, {"name": "label_smoothing", "epsilon": {"grid": [0.1, 0.2, 0.3]}}])
-    del raw["champion"]
+    raw = _utility_sweep_config(tmp_path)
     lines, before = [], signal.getsignal(signal.SIGINT)
 
     def echo(line: str) -> None:
